@@ -1,0 +1,333 @@
+"""``App``: the declarations of one service, and its lifecycle.
+
+Theory of operation
+-------------------
+Declaring (``@app.subscribe`` and the other pattern decorators) only records what the
+app wants and checks it: subjects, handler signatures and options are validated then,
+so mistakes fail at import time with a message naming what is wrong.
+
+``start()`` connects, then starts every source (subscriptions, endpoints, consumers)
+and logs at INFO what it serves. ``stop()`` shuts down in order: stop taking new work
+(every source drains: unsubscribe, then let what was already received finish within
+``drain_timeout``), report what did not finish, then flush and close the connection.
+``run()`` does both around a wait for SIGINT or SIGTERM; a second signal during the
+drain stops waiting for in-flight handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import nats.errors
+from nats.nuid import NUID
+
+from natskit.codec import CONTENT_TYPE, encode
+from natskit.connection import (
+    ConnectionEvents,
+    ConnectOptions,
+    connect,
+    servers_from_env,
+)
+from natskit.errors import ConnectionClosed, PayloadTooLarge
+from natskit.pipeline import Middleware, inspect_handler
+from natskit.pubsub import CoreSource, Subscription
+from natskit.subjects import validate_pattern, validate_subject
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+__all__ = ["App"]
+
+log = logging.getLogger("natskit.app")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+Hook = Callable[[], Awaitable[None]]
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
+)
+_VALIDATED_CACHE_LIMIT = 4096
+
+
+class App:
+    """One service: its handlers, its connection and its lifecycle.
+
+    ``name`` and ``version`` identify it on the NATS services protocol, so ``name`` may
+    hold letters, digits, ``-`` and ``_``, and ``version`` must be semantic versioning.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: str = "0.1.0",
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        connection: ConnectOptions | None = None,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        if not _NAME.match(name):
+            raise ValueError(
+                f"App name {name!r} may hold only letters, digits, '-' and '_' "
+                "(the NATS services protocol requires it)"
+            )
+        if not _SEMVER.match(version):
+            raise ValueError(
+                f"App version {version!r} is not semantic versioning (x.y.z)"
+            )
+        if drain_timeout <= 0:
+            raise ValueError(f"drain_timeout must be > 0, got {drain_timeout}")
+        self.name = name
+        self.version = version
+        self.description = description
+        self.metadata = dict(metadata or {})
+        self.instance_id = NUID().next().decode()
+        self.connect_options = connection or ConnectOptions()
+        self.drain_timeout = drain_timeout
+        self.events = ConnectionEvents()
+        self._subscriptions: list[Subscription] = []
+        self._middleware: list[Middleware] = []
+        self._on_start: list[Hook] = []
+        self._on_stop: list[Hook] = []
+        self._sources: list[CoreSource] = []
+        self._nc: Client | None = None
+        self._valid_subjects: set[str] = set()
+        self._stopping = False
+
+    def __repr__(self) -> str:
+        return f"App(name={self.name!r}, version={self.version!r}, id={self.instance_id!r})"
+
+    # -- declaring ----------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        queue: str | None = None,
+        max_concurrency: int = 1,
+        pending_msgs_limit: int = 65_536,
+        pending_bytes_limit: int = 64 * 1024 * 1024,
+    ) -> Callable[[F], F]:
+        """Declare a handler for messages on ``pattern`` (``*`` and ``>`` wildcards).
+
+        With ``queue``, instances subscribed with the same queue name share the messages
+        (each goes to one of them). ``max_concurrency`` > 1 runs up to that many messages
+        at once, giving up per-subject order.
+        """
+        validate_pattern(pattern)
+
+        def declare(func: F) -> F:
+            self._subscriptions.append(
+                Subscription(
+                    pattern=pattern,
+                    handler=inspect_handler(func),
+                    queue=queue,
+                    max_concurrency=max_concurrency,
+                    pending_msgs_limit=pending_msgs_limit,
+                    pending_bytes_limit=pending_bytes_limit,
+                )
+            )
+            return func
+
+        return declare
+
+    def use(self, middleware: Middleware) -> None:
+        """Add a middleware around every handler (outermost first, in order of ``use``)."""
+        if self._nc is not None:
+            raise RuntimeError("middleware must be added before the app starts")
+        self._middleware.append(middleware)
+
+    def on_start(self, hook: Hook) -> Hook:
+        """Run ``hook`` after the app has connected and before its sources start."""
+        self._on_start.append(hook)
+        return hook
+
+    def on_stop(self, hook: Hook) -> Hook:
+        """Run ``hook`` after the sources have drained and before the connection closes."""
+        self._on_stop.append(hook)
+        return hook
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        return tuple(self._subscriptions)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def nc(self) -> Client:
+        """The live nats-py client (raises if the app is not started)."""
+        if self._nc is None:
+            raise ConnectionClosed(
+                f"app {self.name} is not connected; call start() first"
+            )
+        return self._nc
+
+    @property
+    def started(self) -> bool:
+        return self._nc is not None
+
+    async def start(self, servers: list[str] | str | None = None) -> None:
+        """Connect (to ``servers``, else the options' servers, else ``NATS_URL``) and serve."""
+        if self._nc is not None:
+            raise RuntimeError(f"app {self.name} is already started")
+        options = self._resolve_options(servers)
+        self._stopping = False
+        self._nc = await connect(options, events=self.events)
+        try:
+            for hook in self._on_start:
+                await hook()
+            middleware = tuple(self._middleware)
+            for spec in self._subscriptions:
+                source = CoreSource(spec, middleware=middleware)
+                await source.start(self._nc)
+                self._sources.append(source)
+            await self._nc.flush()
+        except BaseException:
+            await self._close()
+            raise
+        log.info(
+            "app %s %s started (instance %s): %d subscription(s)",
+            self.name,
+            self.version,
+            self.instance_id,
+            len(self._sources),
+        )
+        for source in self._sources:
+            log.info("  %s", source.spec.label)
+
+    def _resolve_options(self, servers: list[str] | str | None) -> ConnectOptions:
+        options = self.connect_options
+        if isinstance(servers, str):
+            servers = [servers]
+        if servers:
+            options = options.with_servers(servers)
+        elif not options.servers:
+            options = options.with_servers(servers_from_env())
+        if options.name is None:
+            options = replace(options, name=f"{self.name}-{self.instance_id}")
+        return options
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Drain and close: stop taking work, finish in-flight work, then disconnect."""
+        if self._nc is None or self._stopping:
+            return
+        self._stopping = True
+        bound = self.drain_timeout if timeout is None else timeout
+        log.info("app %s draining (up to %.1fs for in-flight work)", self.name, bound)
+        deadline = time.monotonic() + bound
+        results = await asyncio.gather(*(s.drain(deadline) for s in self._sources))
+        unfinished = sum(results)
+        if unfinished:
+            log.warning(
+                "app %s: %d message(s) did not finish within the drain bound of %.1fs",
+                self.name,
+                unfinished,
+                bound,
+            )
+        for hook in reversed(self._on_stop):
+            try:
+                await hook()
+            except Exception:
+                log.exception("app %s: on_stop hook %r failed", self.name, hook)
+        await self._close()
+        log.info("app %s stopped", self.name)
+
+    async def _close(self) -> None:
+        nc, self._nc = self._nc, None
+        self._sources.clear()
+        if nc is None or nc.is_closed:
+            return
+        self.events.closing = True
+        try:
+            await asyncio.wait_for(nc.flush(), timeout=2.0)
+        except Exception:  # flushing a broken connection: nothing more can be sent
+            log.debug("final flush failed", exc_info=True)
+        await nc.close()
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run(self, servers: list[str] | str | None = None) -> None:
+        """Start, serve until SIGINT or SIGTERM, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop_requested.set)
+        try:
+            await self.start(servers)
+            await stop_requested.wait()
+            log.info("app %s: stop requested by signal", self.name)
+            stop_requested.clear()
+            drain = asyncio.create_task(self.stop())
+            forced = asyncio.create_task(stop_requested.wait())
+            await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():
+                log.warning(
+                    "app %s: second signal; not waiting for in-flight work", self.name
+                )
+                drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
+                await self._close()
+            forced.cancel()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            if self._nc is not None:
+                await self._close()
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        subject: str,
+        value: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+        reply: str = "",
+    ) -> None:
+        """Encode ``value`` and publish it on ``subject`` (fire and forget, core NATS).
+
+        ``value`` may be a msgspec Struct, dataclass, pydantic model, dict, list, str or
+        bytes; the ``Content-Type`` header says how it was encoded (absent means JSON).
+        """
+        nc = self.nc
+        if subject not in self._valid_subjects:
+            validate_subject(subject)
+            if len(self._valid_subjects) < _VALIDATED_CACHE_LIMIT:
+                self._valid_subjects.add(subject)
+        data, ctype = encode(value, content_type)
+        hdrs: dict[str, str] | None = dict(headers) if headers else None
+        if ctype is not None:
+            hdrs = hdrs or {}
+            hdrs[CONTENT_TYPE] = ctype
+        if len(data) > nc.max_payload:
+            raise PayloadTooLarge(subject, len(data), nc.max_payload)
+        try:
+            await nc.publish(subject, data, reply=reply, headers=hdrs)
+        except nats.errors.MaxPayloadError:
+            raise PayloadTooLarge(subject, len(data), nc.max_payload) from None
+        except (
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionDrainingError,
+        ) as exc:
+            raise ConnectionClosed(f"cannot publish on {subject!r}: {exc}") from None
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the server has received everything published so far."""
+        # nats-py annotates the timeout as int; it is used as a float by asyncio.
+        await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]

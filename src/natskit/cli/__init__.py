@@ -1,0 +1,110 @@
+"""The ``natskit`` command: run apps, run a server, watch and send messages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from natskit.cli import commands, logs
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="natskit",
+        description="Real-time distributed systems on NATS.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log line format"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run an App: natskit run module:app")
+    run.add_argument("target", help="module:attribute naming an App (or a factory)")
+    _add_server_option(run)
+    run.add_argument(
+        "--workers", type=int, default=1, help="processes to run (default 1)"
+    )
+    run.add_argument(
+        "--store-dir",
+        default=None,
+        help="JetStream data of the embedded server (default .natskit/store)",
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="seconds to finish in-flight work",
+    )
+    run.set_defaults(func=commands.run)
+
+    server = sub.add_parser(
+        "server", help="run an embedded nats-server in the foreground"
+    )
+    server.add_argument("--cluster", type=int, default=1, help="nodes (default 1)")
+    server.add_argument(
+        "--port", type=int, default=None, help="client port (default free)"
+    )
+    server.add_argument("--store-dir", default=None, help="JetStream data directory")
+    server.add_argument(
+        "--no-sync",
+        action="store_true",
+        help="let the server fsync on its own schedule (faster, less durable)",
+    )
+    server.set_defaults(func=commands.server)
+
+    pub = sub.add_parser("pub", help="publish a message")
+    pub.add_argument("subject")
+    pub.add_argument("data", help="payload text (JSON is sent as JSON)")
+    pub.add_argument("--header", "-H", action="append", default=[], help="Name=Value")
+    pub.add_argument("--count", type=int, default=1)
+    _add_server_option(pub)
+    pub.set_defaults(func=commands.pub)
+
+    subc = sub.add_parser("sub", help="print messages on a subject (wildcards allowed)")
+    subc.add_argument("subject")
+    subc.add_argument("--queue", default=None)
+    subc.add_argument("--count", type=int, default=0, help="stop after N messages")
+    _add_server_option(subc)
+    subc.set_defaults(func=commands.sub)
+
+    req = sub.add_parser("req", help="send a request and print the reply")
+    req.add_argument("subject")
+    req.add_argument("data")
+    req.add_argument("--header", "-H", action="append", default=[], help="Name=Value")
+    req.add_argument("--timeout", type=float, default=2.0)
+    _add_server_option(req)
+    req.set_defaults(func=commands.req)
+
+    demo = sub.add_parser("demo", help="run the reference demo on an embedded server")
+    demo.add_argument("--events", type=int, default=2000, help="events to publish")
+    _add_server_option(demo)
+    demo.set_defaults(func=commands.demo)
+    return parser
+
+
+def _add_server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        "-s",
+        default=None,
+        help="NATS URL(s), comma-separated (default: NATS_URL, else an embedded server)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

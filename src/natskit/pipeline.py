@@ -1,0 +1,278 @@
+"""One pipeline, many sources: decode -> middleware -> handler -> outcome -> settle.
+
+Theory of operation
+-------------------
+A *source* (a core subscription, a services endpoint, a JetStream consumer) receives raw
+nats-py messages and hands each to :meth:`Pipeline.process` together with a
+:class:`Settlement`, the source's rule for what to do once the handler has finished:
+
+================  ==================  =====================  ==========================
+source            success             retryable failure      permanent failure
+================  ==================  =====================  ==========================
+core subscription reply if asked      logged, counted        logged, counted, error
+                                                             reply if asked
+services endpoint reply               error reply (500)      error reply (4xx)
+JetStream         ack                 nak with growing delay dead-letter, then term
+================  ==================  =====================  ==========================
+
+The pipeline classifies the outcome once, for every source:
+
+* success: the handler returned; its value is the reply or the next stage's input;
+* permanent: the payload did not decode (:class:`~natskit.errors.DecodeError`), or the
+  handler raised :class:`~natskit.errors.Reject`;
+* retryable: the handler raised :class:`~natskit.errors.Retry` or any other exception.
+
+Exceptions other than the handler's own decisions are logged once, here, with their
+traceback; ``asyncio.CancelledError`` is never swallowed. Middleware wraps decoding and
+the handler, so tracing or metrics written as middleware see every message and every
+outcome, whatever the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from natskit.codec import CONTENT_TYPE, decoder_for, type_name
+from natskit.errors import DecodeError, HandlerError, Reject
+from natskit.message import Message
+
+__all__ = [
+    "Handler",
+    "HandlerStats",
+    "Middleware",
+    "Next",
+    "Pipeline",
+    "Settlement",
+    "inspect_handler",
+]
+
+log = logging.getLogger("natskit.pipeline")
+
+Next = Callable[[Message[Any]], Awaitable[Any]]
+Middleware = Callable[[Message[Any], Next], Awaitable[Any]]
+
+
+class Settlement(Protocol):
+    """A source's rule for finishing a message once the handler has run."""
+
+    async def succeeded(self, msg: Message[Any], result: Any) -> None: ...
+
+    async def failed(
+        self, msg: Message[Any], exc: Exception, *, permanent: bool
+    ) -> None: ...
+
+
+@dataclass
+class HandlerStats:
+    """Counters of one handler, as the services protocol reports them."""
+
+    received: int = 0
+    errors: int = 0
+    decode_errors: int = 0
+    processing_ns: int = 0
+    last_error: str = ""
+    in_flight: int = 0
+
+    @property
+    def average_ns(self) -> int:
+        return self.processing_ns // self.received if self.received else 0
+
+    def reset(self) -> None:
+        self.received = self.errors = self.decode_errors = self.processing_ns = 0
+        self.last_error = ""
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A user's handler function and what its signature asks for."""
+
+    func: Callable[..., Awaitable[Any]]
+    name: str
+    payload_type: Any
+    payload_param: str | None
+    message_param: str | None
+    decode: Callable[[bytes, str | None], Any] = field(repr=False)
+
+    def describe(self) -> str:
+        return f"{self.name}({type_name(self.payload_type)})"
+
+
+def inspect_handler(func: Callable[..., Any]) -> Handler:
+    """Read a handler's signature once, at declaration; build its decoder.
+
+    The handler must be ``async def``. Its payload parameter is the first one not
+    annotated ``Message[...]``; one parameter may be annotated ``Message[T]`` (or bare
+    ``Message``). A handler with only a ``Message[T]`` parameter gets the payload as
+    ``msg.payload``. Raises ``TypeError`` naming the handler when this cannot be read.
+    """
+    name = getattr(func, "__qualname__", repr(func))
+    if not inspect.iscoroutinefunction(func):
+        raise TypeError(f"handler {name} must be an 'async def' function")
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception as exc:
+        raise TypeError(
+            f"handler {name}: cannot resolve its annotations ({exc})"
+        ) from exc
+    payload_param, payload_type, message_param = _read_parameters(func, name, hints)
+    if payload_type is None:
+        if message_param is None:
+            raise TypeError(
+                f"handler {name} takes no parameter; it needs one annotated with the payload "
+                "type, or one annotated Message[T]"
+            )
+        payload_type = bytes
+    try:
+        decode = decoder_for(payload_type)
+    except TypeError as exc:
+        raise TypeError(f"handler {name}: {exc}") from None
+    return Handler(func, name, payload_type, payload_param, message_param, decode)
+
+
+def _read_parameters(
+    func: Callable[..., Any], name: str, hints: dict[str, Any]
+) -> tuple[str | None, Any, str | None]:
+    payload_param: str | None = None
+    payload_type: Any = None
+    message_param: str | None = None
+    for param in inspect.signature(func).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        annotation = hints.get(param.name, inspect.Parameter.empty)
+        if _is_message_type(annotation):
+            if message_param is not None:
+                raise TypeError(f"handler {name} has two Message parameters")
+            message_param = param.name
+            args = typing.get_args(annotation)
+            if payload_type is None and args:
+                payload_type = args[0]
+        elif payload_param is None:
+            if annotation is inspect.Parameter.empty:
+                raise TypeError(
+                    f"handler {name}: parameter {param.name!r} needs a type annotation "
+                    "saying what the payload decodes to (a msgspec Struct, dataclass, "
+                    "pydantic model, dict, str or bytes)"
+                )
+            payload_param, payload_type = param.name, annotation
+        elif param.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"handler {name}: unexpected required parameter {param.name!r}; a handler "
+                "takes a payload and optionally a Message[T]"
+            )
+    return payload_param, payload_type, message_param
+
+
+def _is_message_type(annotation: Any) -> bool:
+    return annotation is Message or typing.get_origin(annotation) is Message
+
+
+class Pipeline:
+    """Runs one handler for messages from one source, under a list of middleware."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        label: str,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        self.handler = handler
+        self.label = label
+        self.stats = HandlerStats()
+        self._call: Next = self._wrap(middleware)
+
+    def _wrap(self, middleware: Sequence[Middleware]) -> Next:
+        call: Next = self._invoke
+        for mw in reversed(middleware):
+            call = _bind(mw, call)
+        return call
+
+    async def _invoke(self, msg: Message[Any]) -> Any:
+        handler = self.handler
+        raw = msg.raw
+        headers = raw.headers
+        ct = headers.get(CONTENT_TYPE) if headers else None
+        try:
+            payload = handler.decode(raw.data, ct)
+        except DecodeError as exc:
+            raise exc.with_subject(raw.subject) from None
+        msg._payload = payload
+        if handler.message_param is None:
+            return await handler.func(payload)
+        if handler.payload_param is None:
+            return await handler.func(**{handler.message_param: msg})
+        return await handler.func(payload, **{handler.message_param: msg})
+
+    async def process(self, msg: Message[Any], settle: Settlement) -> None:
+        """Run the handler on ``msg`` and settle it; never raises but cancellation."""
+        stats = self.stats
+        stats.in_flight += 1
+        started = time.perf_counter_ns()
+        try:
+            result = await self._call(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            stats.received += 1
+            stats.errors += 1
+            stats.processing_ns += time.perf_counter_ns() - started
+            stats.in_flight -= 1
+            permanent = self._record_failure(msg, exc)
+            await _settle_failure(settle, msg, exc, permanent)
+            return
+        stats.received += 1
+        stats.processing_ns += time.perf_counter_ns() - started
+        stats.in_flight -= 1
+        try:
+            await settle.succeeded(msg, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "%s: settling a handled message on %s failed", self.label, msg.subject
+            )
+
+    def _record_failure(self, msg: Message[Any], exc: Exception) -> bool:
+        stats = self.stats
+        if isinstance(exc, DecodeError):
+            stats.decode_errors += 1
+            stats.last_error = str(exc)
+            log.warning("%s: %s", self.label, exc)
+            return True
+        if isinstance(exc, HandlerError):
+            stats.last_error = f"{type(exc).__name__}: {exc}"
+            return isinstance(exc, Reject)
+        stats.last_error = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "%s: handler %s raised on %s",
+            self.label,
+            self.handler.name,
+            msg.subject,
+            exc_info=exc,
+        )
+        return False
+
+
+async def _settle_failure(
+    settle: Settlement, msg: Message[Any], exc: Exception, permanent: bool
+) -> None:
+    try:
+        await settle.failed(msg, exc, permanent=permanent)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("settling a failed message on %s failed", msg.subject)
+
+
+def _bind(mw: Middleware, call: Next) -> Next:
+    async def step(msg: Message[Any]) -> Any:
+        return await mw(msg, call)
+
+    return step
