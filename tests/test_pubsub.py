@@ -142,7 +142,7 @@ async def test_handler_that_raises_is_logged_counted_and_the_subscription_goes_o
         await app.publish("crash.test", UserEvent(user_id=1, kind="boom"))
         await app.publish("crash.test", UserEvent(user_id=2, kind="fine"))
         await wait_until(lambda: ok == [2])
-        stats = app._sources[0].pipeline.stats
+        stats = app.sources[0].pipeline.stats  # type: ignore[attr-defined]
         assert stats.received == 2
         assert stats.errors == 1
     records = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -166,7 +166,7 @@ async def test_undecodable_payload_is_reported_without_the_payload(
         await nc.publish("decode.test", b"not json at all SECRET-PAYLOAD")
         await app.publish("decode.test", UserEvent(user_id=7, kind="good"))
         await wait_until(lambda: ok == [7])
-        stats = app._sources[0].pipeline.stats
+        stats = app.sources[0].pipeline.stats  # type: ignore[attr-defined]
         assert stats.decode_errors == 2
     await nc.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -36,8 +36,8 @@ from natskit.connection import (
     servers_from_env,
 )
 from natskit.errors import ConnectionClosed, PayloadTooLarge
-from natskit.pipeline import Middleware, inspect_handler
-from natskit.pubsub import CoreSource, Subscription
+from natskit.pipeline import Declaration, Middleware, Source, inspect_handler
+from natskit.pubsub import Subscription
 from natskit.subjects import validate_pattern, validate_subject
 
 if TYPE_CHECKING:
@@ -94,11 +94,12 @@ class App:
         self.connect_options = connection or ConnectOptions()
         self.drain_timeout = drain_timeout
         self.events = ConnectionEvents()
-        self._subscriptions: list[Subscription] = []
+        self._declarations: list[Declaration] = []
+        self._prepare: list[Callable[[Client], Awaitable[None]]] = []
         self._middleware: list[Middleware] = []
         self._on_start: list[Hook] = []
         self._on_stop: list[Hook] = []
-        self._sources: list[CoreSource] = []
+        self._sources: list[Source] = []
         self._nc: Client | None = None
         self._valid_subjects: set[str] = set()
         self._stopping = False
@@ -126,7 +127,7 @@ class App:
         validate_pattern(pattern)
 
         def declare(func: F) -> F:
-            self._subscriptions.append(
+            self._declarations.append(
                 Subscription(
                     pattern=pattern,
                     handler=inspect_handler(func),
@@ -156,9 +157,24 @@ class App:
         self._on_stop.append(hook)
         return hook
 
+    def declare(self, declaration: Declaration) -> None:
+        """Record a declaration whose source starts with the app (used by the patterns)."""
+        if self._nc is not None:
+            raise RuntimeError("declarations must be made before the app starts")
+        self._declarations.append(declaration)
+
+    def prepare(self, step: Callable[[Client], Awaitable[None]]) -> None:
+        """Run ``step`` after connecting and before any source starts (e.g. ensure streams)."""
+        self._prepare.append(step)
+
     @property
-    def subscriptions(self) -> tuple[Subscription, ...]:
-        return tuple(self._subscriptions)
+    def declarations(self) -> tuple[Declaration, ...]:
+        return tuple(self._declarations)
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """The running sources (empty unless started)."""
+        return tuple(self._sources)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -183,11 +199,13 @@ class App:
         self._stopping = False
         self._nc = await connect(options, events=self.events)
         try:
+            for step in self._prepare:
+                await step(self._nc)
             for hook in self._on_start:
                 await hook()
             middleware = tuple(self._middleware)
-            for spec in self._subscriptions:
-                source = CoreSource(spec, middleware=middleware)
+            for declaration in self._declarations:
+                source = declaration.build(middleware)
                 await source.start(self._nc)
                 self._sources.append(source)
             await self._nc.flush()
@@ -195,14 +213,14 @@ class App:
             await self._close()
             raise
         log.info(
-            "app %s %s started (instance %s): %d subscription(s)",
+            "app %s %s started (instance %s): %d source(s)",
             self.name,
             self.version,
             self.instance_id,
             len(self._sources),
         )
         for source in self._sources:
-            log.info("  %s", source.spec.label)
+            log.info("  %s", source.label)
 
     def _resolve_options(self, servers: list[str] | str | None) -> ConnectOptions:
         options = self.connect_options

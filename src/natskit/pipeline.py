@@ -37,19 +37,24 @@ import time
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from natskit.codec import CONTENT_TYPE, decoder_for, type_name
 from natskit.errors import DecodeError, HandlerError, Reject
 from natskit.message import Message
 
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
 __all__ = [
+    "Declaration",
     "Handler",
     "HandlerStats",
     "Middleware",
     "Next",
     "Pipeline",
     "Settlement",
+    "Source",
     "inspect_handler",
 ]
 
@@ -67,6 +72,30 @@ class Settlement(Protocol):
     async def failed(
         self, msg: Message[Any], exc: Exception, *, permanent: bool
     ) -> None: ...
+
+
+class Source(Protocol):
+    """A running source of messages: a core subscription, an endpoint, a consumer."""
+
+    @property
+    def label(self) -> str: ...
+
+    async def start(self, nc: Client) -> None:
+        """Begin receiving; the app awaits this for every source before it reports ready."""
+        ...
+
+    async def drain(self, deadline: float) -> int:
+        """Stop taking messages, finish received ones before ``deadline`` (monotonic).
+
+        Returns how many did not finish in time.
+        """
+        ...
+
+
+class Declaration(Protocol):
+    """What a pattern decorator records on the App; builds the Source at start."""
+
+    def build(self, middleware: tuple[Middleware, ...]) -> Source: ...
 
 
 @dataclass

@@ -76,6 +76,9 @@ class Subscription:
         where = f" queue={self.queue}" if self.queue else ""
         return f"subscribe {self.pattern}{where} -> {self.handler.name}"
 
+    def build(self, middleware: tuple[Middleware, ...]) -> CoreSource:
+        return CoreSource(self, middleware=middleware)
+
 
 def _is_valid_queue(name: str) -> bool:
     return bool(name) and not any(c.isspace() or c in ".*>" for c in name)
@@ -126,6 +129,7 @@ class CoreSource:
         self, spec: Subscription, *, middleware: tuple[Middleware, ...] = ()
     ) -> None:
         self.spec = spec
+        self.label = spec.label
         self.pipeline = Pipeline(spec.handler, label=spec.label, middleware=middleware)
         self._sub: NatsSubscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
