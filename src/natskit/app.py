@@ -35,9 +35,17 @@ from natskit.connection import (
     connect,
     servers_from_env,
 )
-from natskit.errors import ConnectionClosed, PayloadTooLarge
+from natskit.errors import ConnectionClosed, PayloadTooLarge, RequestError
 from natskit.pipeline import Declaration, Middleware, Source, inspect_handler
 from natskit.pubsub import Subscription
+from natskit.rpc import (
+    DEFAULT_QUEUE_GROUP,
+    Caller,
+    CallPolicy,
+    Endpoint,
+    Replies,
+    ServiceResponder,
+)
 from natskit.subjects import validate_pattern, validate_subject
 
 if TYPE_CHECKING:
@@ -48,6 +56,7 @@ __all__ = ["App"]
 log = logging.getLogger("natskit.app")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+R = TypeVar("R")
 Hook = Callable[[], Awaitable[None]]
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -74,6 +83,7 @@ class App:
         metadata: Mapping[str, str] | None = None,
         connection: ConnectOptions | None = None,
         drain_timeout: float = 30.0,
+        call_policy: CallPolicy | None = None,
     ) -> None:
         if not _NAME.match(name):
             raise ValueError(
@@ -103,6 +113,7 @@ class App:
         self._nc: Client | None = None
         self._valid_subjects: set[str] = set()
         self._stopping = False
+        self.caller = Caller(lambda: self.nc, default=call_policy or CallPolicy())
 
     def __repr__(self) -> str:
         return f"App(name={self.name!r}, version={self.version!r}, id={self.instance_id!r})"
@@ -135,6 +146,45 @@ class App:
                     max_concurrency=max_concurrency,
                     pending_msgs_limit=pending_msgs_limit,
                     pending_bytes_limit=pending_bytes_limit,
+                )
+            )
+            return func
+
+        return declare
+
+    def endpoint(
+        self,
+        subject: str,
+        *,
+        name: str | None = None,
+        queue_group: str = DEFAULT_QUEUE_GROUP,
+        metadata: Mapping[str, str] | None = None,
+        max_concurrency: int = 1,
+    ) -> Callable[[F], F]:
+        """Declare a request-reply endpoint on the NATS services protocol.
+
+        The handler's payload annotation is the request type; its return value is the
+        reply, encoded like any published value. Instances share requests through the
+        queue group. Raise :class:`~natskit.errors.ServiceError` to answer with a code.
+        """
+        validate_subject(subject)
+
+        def declare(func: F) -> F:
+            handler = inspect_handler(func)
+            endpoint_name: str = name or str(getattr(func, "__name__", subject))
+            if any(
+                isinstance(d, Endpoint) and d.name == endpoint_name
+                for d in self._declarations
+            ):
+                raise ValueError(f"endpoint name {endpoint_name!r} is declared twice")
+            self._declarations.append(
+                Endpoint(
+                    name=endpoint_name,
+                    subject=subject,
+                    handler=handler,
+                    queue_group=queue_group,
+                    metadata=dict(metadata or {}),
+                    max_concurrency=max_concurrency,
                 )
             )
             return func
@@ -208,6 +258,9 @@ class App:
                 source = declaration.build(middleware)
                 await source.start(self._nc)
                 self._sources.append(source)
+            responder = ServiceResponder(self)
+            await responder.start(self._nc)
+            self._sources.append(responder)
             await self._nc.flush()
         except BaseException:
             await self._close()
@@ -344,6 +397,54 @@ class App:
             nats.errors.ConnectionDrainingError,
         ) as exc:
             raise ConnectionClosed(f"cannot publish on {subject!r}: {exc}") from None
+
+    async def request(
+        self,
+        subject: str,
+        value: Any,
+        *,
+        response_type: type[R] | Any = bytes,
+        policy: CallPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+        fallback: Callable[[RequestError], Awaitable[R]] | None = None,
+    ) -> R:
+        """Call an endpoint and return its decoded reply.
+
+        Raises :class:`~natskit.errors.NoResponders`, :class:`~natskit.errors.RequestTimeout`,
+        :class:`~natskit.errors.CircuitOpen`, :class:`~natskit.errors.ServiceError` or
+        :class:`~natskit.errors.DecodeError`; with ``fallback``, request errors call it
+        instead. ``policy`` (default: the App's) sets timeout, retries, breaker, hedging.
+        """
+        result: R = await self.caller.request(
+            subject,
+            value,
+            response_type=response_type,
+            policy=policy,
+            headers=headers,
+            fallback=fallback,
+        )
+        return result
+
+    async def gather(
+        self,
+        subject: str,
+        value: Any,
+        *,
+        response_type: type[R] | Any = bytes,
+        window: float = 1.0,
+        max_replies: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Replies[R]:
+        """Scatter-gather: one request, every reply within ``window`` (or ``max_replies``)."""
+        result: Replies[R] = await self.caller.gather(
+            subject,
+            value,
+            response_type=response_type,
+            window=window,
+            max_replies=max_replies,
+            headers=headers,
+        )
+        return result
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until the server has received everything published so far."""

@@ -37,19 +37,24 @@ with a message naming what was wrong: those are programming errors, not runtime 
 from __future__ import annotations
 
 __all__ = [
+    "CircuitOpen",
     "CodecError",
     "ConnectError",
     "ConnectionClosed",
     "DecodeError",
     "HandlerError",
     "NatskitError",
+    "NoResponders",
     "PayloadTooLarge",
     "PermissionDenied",
     "Reject",
+    "RequestError",
+    "RequestTimeout",
     "Retry",
     "ServerError",
     "ServerNotFound",
     "ServerStartError",
+    "ServiceError",
 ]
 
 
@@ -137,6 +142,57 @@ class DecodeError(CodecError):
     def with_subject(self, subject: str) -> DecodeError:
         """The same error, placed on a subject (codecs do not know where bytes came from)."""
         return DecodeError(self.reason, subject=subject, expected=self.expected)
+
+
+class RequestError(NatskitError):
+    """A request-reply call did not produce a reply value."""
+
+    def __init__(self, message: str, *, subject: str) -> None:
+        self.subject = subject
+        super().__init__(message)
+
+
+class NoResponders(RequestError):
+    """Nobody is subscribed to the subject (the server said so at once)."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"no responders on {subject!r}", subject=subject)
+
+
+class RequestTimeout(RequestError):
+    """No reply arrived within the timeout (or the caller's deadline)."""
+
+    def __init__(self, subject: str, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(
+            f"no reply on {subject!r} within {timeout:.3f}s", subject=subject
+        )
+
+
+class CircuitOpen(RequestError):
+    """The circuit breaker for the subject is open: the call was not made."""
+
+    def __init__(self, subject: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            f"circuit open for {subject!r}; next probe in {retry_after:.2f}s",
+            subject=subject,
+        )
+
+
+class ServiceError(RequestError):
+    """An error reply of the services protocol: a code and a description.
+
+    Raise it from an endpoint handler to answer with that code (4xx: the caller's fault,
+    not retried and not counted against the responder's health; 5xx: the responder's).
+    Callers receive it, decoded from the ``Nats-Service-Error`` headers.
+    """
+
+    def __init__(self, code: int, description: str, *, subject: str = "") -> None:
+        self.code = code
+        self.description = description
+        where = f" from {subject!r}" if subject else ""
+        super().__init__(f"service error {code}{where}: {description}", subject=subject)
 
 
 class HandlerError(NatskitError):

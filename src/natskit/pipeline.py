@@ -19,7 +19,8 @@ The pipeline classifies the outcome once, for every source:
 
 * success: the handler returned; its value is the reply or the next stage's input;
 * permanent: the payload did not decode (:class:`~natskit.errors.DecodeError`), or the
-  handler raised :class:`~natskit.errors.Reject`;
+  handler raised :class:`~natskit.errors.Reject` or a 4xx
+  :class:`~natskit.errors.ServiceError`;
 * retryable: the handler raised :class:`~natskit.errors.Retry` or any other exception.
 
 Exceptions other than the handler's own decisions are logged once, here, with their
@@ -36,17 +37,19 @@ import logging
 import time
 import typing
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from natskit.codec import CONTENT_TYPE, decoder_for, type_name
-from natskit.errors import DecodeError, HandlerError, Reject
+from natskit.errors import DecodeError, HandlerError, Reject, ServiceError
 from natskit.message import Message
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
 __all__ = [
+    "TIMEOUT_HEADER",
     "Declaration",
     "Handler",
     "HandlerStats",
@@ -55,10 +58,19 @@ __all__ = [
     "Pipeline",
     "Settlement",
     "Source",
+    "current_deadline",
     "inspect_handler",
 ]
 
 log = logging.getLogger("natskit.pipeline")
+
+TIMEOUT_HEADER = "Natskit-Timeout-Ms"
+"""A caller's remaining time budget in milliseconds, sent with each request."""
+
+current_deadline: ContextVar[float | None] = ContextVar(
+    "natskit_deadline", default=None
+)
+"""The deadline (``time.monotonic()`` based) of the request being handled, if known."""
 
 Next = Callable[[Message[Any]], Awaitable[Any]]
 Middleware = Callable[[Message[Any], Next], Awaitable[Any]]
@@ -278,6 +290,10 @@ class Pipeline:
         if isinstance(exc, HandlerError):
             stats.last_error = f"{type(exc).__name__}: {exc}"
             return isinstance(exc, Reject)
+        if isinstance(exc, ServiceError):
+            # The handler chose this answer: counted, not logged as a crash.
+            stats.last_error = f"{exc.code}: {exc.description}"
+            return exc.code < 500
         stats.last_error = f"{type(exc).__name__}: {exc}"
         log.error(
             "%s: handler %s raised on %s",

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from natskit.codec import CONTENT_TYPE, encode
-from natskit.errors import DecodeError, Reject
+from natskit.errors import DecodeError, Reject, ServiceError
 from natskit.message import Message
-from natskit.pipeline import Handler, Pipeline
+from natskit.pipeline import TIMEOUT_HEADER, Handler, Pipeline, current_deadline
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -65,7 +65,7 @@ class Subscription:
                 f"subscribe({self.pattern!r}): max_concurrency must be >= 1, "
                 f"got {self.max_concurrency}"
             )
-        if self.queue is not None and not _is_valid_queue(self.queue):
+        if self.queue is not None and not is_valid_queue(self.queue):
             raise ValueError(
                 f"subscribe({self.pattern!r}): queue group {self.queue!r} must be a "
                 "non-empty name without whitespace, '.', '*' or '>'"
@@ -80,14 +80,25 @@ class Subscription:
         return CoreSource(self, middleware=middleware)
 
 
-def _is_valid_queue(name: str) -> bool:
+def _deadline_from(value: str) -> float | None:
+    try:
+        budget_ms = int(value)
+    except ValueError:
+        return None
+    return time.monotonic() + budget_ms / 1000
+
+
+def is_valid_queue(name: str) -> bool:
+    """True for a queue group name NATS accepts: no whitespace, dots or wildcards."""
     return bool(name) and not any(c.isspace() or c in ".*>" for c in name)
 
 
 def error_headers(exc: Exception, *, permanent: bool) -> dict[str, str]:
     """Services-protocol error headers for a failed message (ADR-32)."""
-    if isinstance(exc, DecodeError):
-        code, text = 400, f"bad request: {exc.reason}"
+    if isinstance(exc, ServiceError):
+        code, text = exc.code, exc.description
+    elif isinstance(exc, DecodeError):
+        code, text = 400, f"bad request: {exc}"
     elif isinstance(exc, Reject):
         code, text = 422, exc.reason
     else:
@@ -126,9 +137,14 @@ class CoreSource:
     """A live core subscription feeding one pipeline."""
 
     def __init__(
-        self, spec: Subscription, *, middleware: tuple[Middleware, ...] = ()
+        self,
+        spec: Subscription,
+        *,
+        middleware: tuple[Middleware, ...] = (),
+        source: str = "core",
     ) -> None:
         self.spec = spec
+        self.source = source
         self.label = spec.label
         self.pipeline = Pipeline(spec.handler, label=spec.label, middleware=middleware)
         self._sub: NatsSubscription | None = None
@@ -153,7 +169,15 @@ class CoreSource:
 
     async def _run_inline(self, raw: Msg) -> None:
         assert self._settle is not None
-        await self.pipeline.process(Message(raw, "core"), self._settle)
+        headers = raw.headers
+        if headers and TIMEOUT_HEADER in headers:
+            token = current_deadline.set(_deadline_from(headers[TIMEOUT_HEADER]))
+            try:
+                await self.pipeline.process(Message(raw, self.source), self._settle)
+            finally:
+                current_deadline.reset(token)
+            return
+        await self.pipeline.process(Message(raw, self.source), self._settle)
 
     async def _run_in_task(self, raw: Msg) -> None:
         assert self._slots is not None and self._settle is not None
@@ -163,9 +187,9 @@ class CoreSource:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_and_release(self, raw: Msg) -> None:
-        assert self._slots is not None and self._settle is not None
+        assert self._slots is not None
         try:
-            await self.pipeline.process(Message(raw, "core"), self._settle)
+            await self._run_inline(raw)
         finally:
             self._slots.release()
 
