@@ -21,15 +21,17 @@ fit, and give up without sending once it has passed.
 Calling. :class:`Caller` makes one call as a loop of attempts under a
 :class:`CallPolicy`:
 
-1. the subject's circuit breaker must allow the attempt, else ``CircuitOpen``;
-2. the attempt's timeout is the policy's, cut to the caller's own deadline;
+1. the subject's circuit breaker must allow the call, else ``CircuitOpen``; the breaker
+   judges the call by its final outcome, after retries and hedges;
+2. each attempt's timeout is the policy's, cut to the caller's own deadline;
 3. with ``hedge_after`` set (idempotent calls only), a second copy of the request goes
    out if no reply came within that time; the first reply wins;
-4. no responders (immediate, from the server's 503 status) and timeouts count as
-   failures of the breaker; they are retried only for idempotent calls, after a delay
-   with full jitter, while attempts and deadline allow;
-5. an error reply with a 5xx code counts as a failure, a 4xx one as a healthy
-   responder; neither is retried unless the policy asks for 5xx retries;
+4. no responders (immediate, from the server's 503 status) and timeouts are retried
+   only for idempotent calls, after a delay with full jitter, while attempts and the
+   deadline allow; for the breaker they are failures;
+5. an error reply with a 5xx code is a failure of the responder, a 4xx one a healthy
+   responder refusing a bad request; neither is retried unless the policy asks for 5xx
+   retries;
 6. when the call fails for good, the fallback (if any) is called with the error instead
    of raising it.
 """
@@ -281,8 +283,9 @@ class CallPolicy:
     happen only for ``idempotent`` calls, on the failure kinds of ``retry.retry_on``.
     ``breaker`` (one per subject, shared by all calls of the App with that subject)
     fails calls fast while a responder is down; ``None`` turns it off. ``hedge_after``
-    sends a second copy of an idempotent request when the first has had no reply for
-    that long, which rides over a responder that is frozen rather than gone.
+    sends another copy of an idempotent request each time that long passes without a
+    reply (at most ``max_hedges`` copies), which rides over a responder that is frozen
+    rather than gone: in a queue group each copy may reach another instance.
     """
 
     timeout: float = 2.0
@@ -290,8 +293,13 @@ class CallPolicy:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy | None = field(default_factory=BreakerPolicy)
     hedge_after: float | None = None
+    max_hedges: int = 1
 
     def __post_init__(self) -> None:
+        if self.max_hedges < 1:
+            raise ValueError(
+                f"CallPolicy.max_hedges must be >= 1, got {self.max_hedges}"
+            )
         if not self.timeout > 0:
             raise ValueError(f"CallPolicy.timeout must be > 0, got {self.timeout}")
         if self.hedge_after is not None:
@@ -404,82 +412,70 @@ class Caller:
         policy: CallPolicy,
         breaker: CircuitBreaker | None,
     ) -> Msg:
+        """One call under the breaker: allowed once, judged by its final outcome.
+
+        Judging calls rather than attempts keeps the breaker closed while retries and
+        hedges still get answers (one frozen instance of several), and opens it when
+        calls fail outright (every instance gone).
+        """
+        if breaker is None:
+            return await self._retrying(subject, data, headers, policy)
+        if not breaker.allow():
+            self.stats.rejected_by_breaker += 1
+            raise CircuitOpen(subject, breaker.retry_after())
+        try:
+            reply = await self._retrying(subject, data, headers, policy)
+        except (NoResponders, RequestTimeout):
+            breaker.record_failure()
+            raise
+        except ServiceError as exc:
+            if exc.code >= 500:
+                breaker.record_failure()
+            else:
+                breaker.record_success()
+            raise
+        except BaseException:
+            breaker.release()
+            raise
+        breaker.record_success()
+        return reply
+
+    async def _retrying(
+        self, subject: str, data: bytes, headers: dict[str, str], policy: CallPolicy
+    ) -> Msg:
         upstream = current_deadline.get()
         retry = 0
         while True:
-            if breaker is not None and not breaker.allow():
-                self.stats.rejected_by_breaker += 1
-                raise CircuitOpen(subject, breaker.retry_after())
             timeout = policy.timeout
             if upstream is not None:
                 timeout = min(timeout, upstream - time.monotonic())
                 if timeout <= 0:
-                    if breaker is not None:
-                        breaker.release()
                     raise RequestTimeout(subject, 0.0)
-            failure = await self._attempt(
-                subject, data, headers, timeout, policy=policy, breaker=breaker
-            )
-            if isinstance(failure, Exception):
-                kind = (
-                    "no_responders" if isinstance(failure, NoResponders) else "timeout"
-                )
-                if isinstance(failure, ServiceError):
-                    kind = (
-                        "service_error_5xx" if failure.code >= 500 else "service_error"
+            self.stats.attempts += 1
+            send_headers = {**headers, TIMEOUT_HEADER: str(max(1, int(timeout * 1000)))}
+            try:
+                if policy.hedge_after is not None:
+                    reply = await self._hedged(
+                        subject, data, send_headers, timeout, policy
                     )
+                else:
+                    reply = await self._send(subject, data, send_headers, timeout)
+                error = service_error(reply, subject)
+                if error is None:
+                    return reply
+                raise error
+            except (NoResponders, RequestTimeout, ServiceError) as failure:
+                kind = _failure_kind(failure)
                 if not policy.retry.should_retry(
                     kind, retry, idempotent=policy.idempotent
                 ):
-                    raise failure
+                    raise
                 delay = policy.retry.delay(retry)
                 if upstream is not None and time.monotonic() + delay >= upstream:
-                    raise failure
-                retry += 1
-                self.stats.retries += 1
-                await asyncio.sleep(delay)
-                continue
-            return failure
-
-    async def _attempt(
-        self,
-        subject: str,
-        data: bytes,
-        headers: dict[str, str],
-        timeout: float,
-        *,
-        policy: CallPolicy,
-        breaker: CircuitBreaker | None,
-    ) -> Msg | RequestError:
-        """One attempt; returns the reply, or the failure (recorded on the breaker)."""
-        self.stats.attempts += 1
-        send_headers = {**headers, TIMEOUT_HEADER: str(max(1, int(timeout * 1000)))}
-        try:
-            if policy.hedge_after is not None:
-                reply = await self._hedged(
-                    subject, data, send_headers, timeout, policy.hedge_after
-                )
-            else:
-                reply = await self._send(subject, data, send_headers, timeout)
-        except (NoResponders, RequestTimeout) as exc:
-            if breaker is not None:
-                breaker.record_failure()
-            return exc
-        except BaseException:
-            if breaker is not None:
-                breaker.release()
-            raise
-        error = service_error(reply, subject)
-        if error is not None:
-            if breaker is not None:
-                if error.code >= 500:
-                    breaker.record_failure()
-                else:
-                    breaker.record_success()
-            return error
-        if breaker is not None:
-            breaker.record_success()
-        return reply
+                    raise
+            retry += 1
+            self.stats.retries += 1
+            await asyncio.sleep(delay)
 
     async def _send(
         self, subject: str, data: bytes, headers: dict[str, str], timeout: float
@@ -503,28 +499,35 @@ class Caller:
         data: bytes,
         headers: dict[str, str],
         timeout: float,
-        hedge: float,
+        policy: CallPolicy,
     ) -> Msg:
+        """Send, then another copy every ``hedge_after`` without a reply (up to
+        ``max_hedges``); the first reply wins and the other copies are dropped."""
+        assert policy.hedge_after is not None
         deadline = time.monotonic() + timeout
         first = asyncio.ensure_future(self._send(subject, data, headers, timeout))
-        done, _ = await asyncio.wait({first}, timeout=hedge)
-        if done:
-            return first.result()
-        self.stats.hedges += 1
-        second = asyncio.ensure_future(
-            self._send(subject, data, headers, max(0.001, deadline - time.monotonic()))
-        )
-        pending = {first, second}
+        pending = {first}
+        hedges_left = policy.max_hedges
         try:
             while pending:
+                wait = policy.hedge_after if hedges_left else None
                 done, pending = await asyncio.wait(
-                    pending, return_when=asyncio.FIRST_COMPLETED
+                    pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
-                    if task.exception() is None:
+                    error = task.exception()
+                    if error is None:
                         return task.result()
-            # Both failed: report the first one's failure.
-            raise first.exception() or RequestTimeout(subject, timeout)
+                    if isinstance(error, NoResponders):
+                        raise error  # nobody to hedge to
+                left = deadline - time.monotonic()
+                if not done and hedges_left and left > 0.001:
+                    hedges_left -= 1
+                    self.stats.hedges += 1
+                    pending.add(
+                        asyncio.ensure_future(self._send(subject, data, headers, left))
+                    )
+            raise RequestTimeout(subject, timeout)
         finally:
             for task in pending:
                 task.cancel()
@@ -575,6 +578,14 @@ class Caller:
         finally:
             await sub.unsubscribe()
         return result
+
+
+def _failure_kind(failure: RequestError) -> str:
+    if isinstance(failure, NoResponders):
+        return "no_responders"
+    if isinstance(failure, ServiceError):
+        return "service_error_5xx" if failure.code >= 500 else "service_error"
+    return "timeout"
 
 
 def service_error(reply: Msg, subject: str) -> ServiceError | None:
