@@ -179,7 +179,8 @@ async def test_breaker_fails_fast_probes_once_per_interval_and_closes_after_reco
                 await asyncio.sleep(0.01)
         closed_after = asyncio.get_running_loop().time() - back_at
         print(
-            f"\nbreaker: {rejected} calls failed fast, {probes} probes, closed {closed_after:.2f}s after recovery"
+            f"\nbreaker: {rejected} calls failed fast, {probes} probes, "
+            f"closed {closed_after:.2f}s after recovery"
         )
         assert closed_after <= 2.0
         assert client.caller.breakers["inventory.reserve"].state.value == "closed"
