@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from natskit.codec import CONTENT_TYPE, encode
 from natskit.errors import DecodeError, Reject, ServiceError
 from natskit.message import Message
-from natskit.pipeline import TIMEOUT_HEADER, Handler, Pipeline, current_deadline
+from natskit.pipeline import Handler, Pipeline
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -80,14 +80,6 @@ class Subscription:
         return CoreSource(self, middleware=middleware)
 
 
-def _deadline_from(value: str) -> float | None:
-    try:
-        budget_ms = int(value)
-    except ValueError:
-        return None
-    return time.monotonic() + budget_ms / 1000
-
-
 def is_valid_queue(name: str) -> bool:
     """True for a queue group name NATS accepts: no whitespace, dots or wildcards."""
     return bool(name) and not any(c.isspace() or c in ".*>" for c in name)
@@ -112,6 +104,8 @@ def _header_safe(text: str) -> str:
 
 
 class _CoreSettlement:
+    settles_every_success = False
+
     def __init__(self, nc: Client) -> None:
         self._nc = nc
 
@@ -146,16 +140,17 @@ class CoreSource:
         self.spec = spec
         self.source = source
         self.label = spec.label
-        self.pipeline = Pipeline(spec.handler, label=spec.label, middleware=middleware)
+        self.pipeline = Pipeline(
+            spec.handler, label=spec.label, middleware=middleware, source=source
+        )
         self._sub: NatsSubscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
-        self._settle: _CoreSettlement | None = None
 
     async def start(self, nc: Client) -> None:
         spec = self.spec
-        self._settle = _CoreSettlement(nc)
-        callback = self._run_inline
+        self.pipeline.settle = _CoreSettlement(nc)
+        callback = self.pipeline.callback
         if spec.max_concurrency > 1:
             self._slots = asyncio.Semaphore(spec.max_concurrency)
             callback = self._run_in_task
@@ -167,20 +162,8 @@ class CoreSource:
             pending_bytes_limit=spec.pending_bytes_limit,
         )
 
-    async def _run_inline(self, raw: Msg) -> None:
-        assert self._settle is not None
-        headers = raw.headers
-        if headers and TIMEOUT_HEADER in headers:
-            token = current_deadline.set(_deadline_from(headers[TIMEOUT_HEADER]))
-            try:
-                await self.pipeline.process(Message(raw, self.source), self._settle)
-            finally:
-                current_deadline.reset(token)
-            return
-        await self.pipeline.process(Message(raw, self.source), self._settle)
-
     async def _run_in_task(self, raw: Msg) -> None:
-        assert self._slots is not None and self._settle is not None
+        assert self._slots is not None
         await self._slots.acquire()
         task = asyncio.create_task(self._run_and_release(raw))
         self._tasks.add(task)
@@ -189,7 +172,7 @@ class CoreSource:
     async def _run_and_release(self, raw: Msg) -> None:
         assert self._slots is not None
         try:
-            await self._run_inline(raw)
+            await self.pipeline.callback(raw)
         finally:
             self._slots.release()
 
