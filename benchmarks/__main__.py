@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = _summarize(chosen, results)
     print()
     _print_table(rows)
+    _print_driver_figures(results)
     path = _save(environment, args, rows, results, time.time() - started)
     print(f"\nraw runs: {path}")
     return 0
@@ -145,6 +146,28 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             f"{_spread(ours)} / {_spread(theirs)}"
         )
     _print_scaling(rows)
+
+
+def _print_driver_figures(results: list[RunResult]) -> None:
+    """Figures a scenario's driver measured itself (keys ending in ``_us``): medians."""
+    figures: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    for result in results:
+        if not result.clean or not result.driver:
+            continue
+        for key, value in result.driver.items():
+            if key.endswith("_us") and isinstance(value, int | float):
+                per_impl = figures.setdefault(
+                    (result.scenario, result.variant, key), {}
+                )
+                per_impl.setdefault(result.impl, []).append(float(value))
+    for (scenario, variant, key), per_impl in figures.items():
+        ours = statistics.median(per_impl.get(NATSKIT) or [0.0])
+        theirs = statistics.median(per_impl.get(NATS_PY) or [0.0])
+        ratio = f"{ours / theirs:.2f}x" if ours and theirs else "-"
+        print(
+            f"{scenario} {variant}: {key[:-3].replace('_', ' ')} natskit {ours:,.0f} us, "
+            f"nats-py {theirs:,.0f} us, ratio {ratio}"
+        )
 
 
 def _print_scaling(rows: list[dict[str, Any]]) -> None:

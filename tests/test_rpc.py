@@ -233,11 +233,14 @@ async def test_deadline_reaches_the_handler_and_shrinks_downstream_calls(
 
     async with server, front, client:
         downstream = await client.request(
-            "front.op", "go", response_type=str, policy=CallPolicy(timeout=0.8)
+            "front.op",
+            "go",
+            response_type=str,
+            policy=CallPolicy(timeout=0.8, send_deadline=True),
         )
-        assert (
-            await client.request("inventory.deadline", "x", response_type=str) != "none"
-        )
+        # A first hop sends no deadline unless its policy asks for it.
+        first_hop = await client.request("inventory.deadline", "x", response_type=str)
+        assert first_hop == "none"
     assert seen[0] is not None and 0.5 < seen[0] <= 0.8
     # The front's own default timeout (2 s) was cut to what its caller had left.
     assert float(downstream) <= 0.8

@@ -53,7 +53,6 @@ import logging
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -278,47 +277,59 @@ class BreakerPolicy:
 
 
 class _Window:
-    """Results over the last ``window`` seconds, counted in time buckets.
+    """Results over the last ``window`` seconds, counted in a ring of time buckets.
 
-    Memory is at most ``max(10, ceil(window))`` buckets whatever the call rate. The
-    price is precision at the old edge: a result leaves the window up to one bucket
-    width (at most a second) early.
+    Memory is ``max(10, ceil(window))`` buckets whatever the call rate, and adding a
+    result is a few integer operations. The price is precision at the old edge: a
+    result leaves the window up to one bucket width (at most a second) early.
     """
 
     def __init__(self, window: float) -> None:
         self._count = max(_MIN_BUCKETS, math.ceil(window))
         self._width = window / self._count
-        # (bucket index, calls, failures), oldest first; only buckets with results.
-        self._buckets: deque[tuple[int, int, int]] = deque()
+        self._calls = [0] * self._count
+        self._failures = [0] * self._count
+        self._newest: int | None = None  # index of the newest bucket in use
         self.calls = 0
         self.failures = 0
 
     def add(self, now: float, *, ok: bool) -> None:
-        index = self._prune(now)
-        failed = 0 if ok else 1
-        if self._buckets and self._buckets[-1][0] == index:
-            _, calls, failures = self._buckets.pop()
-            self._buckets.append((index, calls + 1, failures + failed))
-        else:
-            self._buckets.append((index, 1, failed))
+        index = self._advance(now)
+        slot = index % self._count
+        self._calls[slot] += 1
         self.calls += 1
-        self.failures += failed
+        if not ok:
+            self._failures[slot] += 1
+            self.failures += 1
 
     def totals(self, now: float) -> tuple[int, int]:
-        self._prune(now)
+        self._advance(now)
         return self.calls, self.failures
 
     def clear(self) -> None:
-        self._buckets.clear()
+        self._calls = [0] * self._count
+        self._failures = [0] * self._count
+        self._newest = None
         self.calls = self.failures = 0
 
-    def _prune(self, now: float) -> int:
+    def _advance(self, now: float) -> int:
+        """Move the ring forward to ``now``, emptying the buckets that fell out."""
         index = math.floor(now / self._width)
-        oldest = index - self._count + 1
-        while self._buckets and self._buckets[0][0] < oldest:
-            _, calls, failures = self._buckets.popleft()
-            self.calls -= calls
-            self.failures -= failures
+        newest = self._newest
+        if newest == index:
+            return index
+        if newest is None or index - newest >= self._count:
+            if self.calls:
+                self.clear()
+        elif index > newest:
+            for stale in range(newest + 1, index + 1):
+                slot = stale % self._count
+                self.calls -= self._calls[slot]
+                self.failures -= self._failures[slot]
+                self._calls[slot] = self._failures[slot] = 0
+        else:
+            return newest  # the clock went backwards: count it in the newest bucket
+        self._newest = index
         return index
 
 
@@ -373,6 +384,8 @@ class CircuitBreaker:
         """Whether a call may be made now. In HALF_OPEN a True reserves a probe slot,
         so every allowed call must end in ``record_success``, ``record_failure`` or
         ``release``."""
+        if self._state is BreakerState.CLOSED:
+            return True  # the hot path: nothing can change while closed
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -385,6 +398,10 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         """Report that an allowed call succeeded."""
+        if self._state is BreakerState.CLOSED:
+            self._consecutive = 0
+            self._window.add(self._clock.monotonic(), ok=True)
+            return
         state = self.state
         if state is BreakerState.CLOSED:
             self._consecutive = 0

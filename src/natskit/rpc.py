@@ -13,10 +13,12 @@ code, 500 otherwise). Every App answers ``$SRV.PING``, ``$SRV.INFO`` and ``$SRV.
 client can discover it and read its per-endpoint counters.
 
 Deadlines. A caller sends its remaining time budget in the ``Natskit-Timeout-Ms``
-header (relative, so clocks of different machines need not agree). The receiving
-source turns it into a local deadline, visible to the handler via
-:func:`remaining_time`; calls made from inside the handler shrink their timeouts to
-fit, and give up without sending once it has passed.
+header (relative, so clocks of different machines need not agree): always when the
+call is made while handling a request that carried one, and for a first hop when its
+policy says ``send_deadline=True``. The receiving source turns it into a local
+deadline, visible to the handler via :func:`remaining_time`; calls made from inside
+the handler shrink their timeouts to fit, pass the rest on, and give up without
+sending once it has passed.
 
 Calling. :class:`Caller` makes one call as a loop of attempts under a
 :class:`CallPolicy`:
@@ -41,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import re
@@ -286,6 +289,13 @@ class CallPolicy:
     sends another copy of an idempotent request each time that long passes without a
     reply (at most ``max_hedges`` copies), which rides over a responder that is frozen
     rather than gone: in a queue group each copy may reach another instance.
+
+    Deadlines: a call made while handling a request that carried a deadline always
+    passes the remaining budget on (``Natskit-Timeout-Ms``). ``send_deadline=True``
+    makes a call start such a chain with its own timeout. It is off by default because
+    a header costs nats-py about as much again per request as the whole natskit call
+    path (measured by ``make bench``); turn it on where the first hop's handler needs
+    to know how long its caller waits.
     """
 
     timeout: float = 2.0
@@ -294,6 +304,7 @@ class CallPolicy:
     breaker: BreakerPolicy | None = field(default_factory=BreakerPolicy)
     hedge_after: float | None = None
     max_hedges: int = 1
+    send_deadline: bool = False
 
     def __post_init__(self) -> None:
         if self.max_hedges < 1:
@@ -359,7 +370,9 @@ class Caller:
 
     def breaker(self, subject: str, policy: BreakerPolicy) -> CircuitBreaker:
         breaker = self.breakers.get(subject)
-        if breaker is None or breaker.policy != policy:
+        if breaker is None or (
+            breaker.policy is not policy and breaker.policy != policy
+        ):
             if len(self.breakers) >= _BREAKER_LIMIT:
                 self.breakers.pop(next(iter(self.breakers)))
             breaker = CircuitBreaker(subject, policy, on_change=self._on_breaker_change)
@@ -452,7 +465,9 @@ class Caller:
                 if timeout <= 0:
                     raise RequestTimeout(subject, 0.0)
             self.stats.attempts += 1
-            send_headers = {**headers, TIMEOUT_HEADER: str(max(1, int(timeout * 1000)))}
+            send_headers: dict[str, str] | None = headers or None
+            if upstream is not None or policy.send_deadline:
+                send_headers = {**headers, TIMEOUT_HEADER: _millis(timeout)}
             try:
                 if policy.hedge_after is not None:
                     reply = await self._hedged(
@@ -478,7 +493,7 @@ class Caller:
             await asyncio.sleep(delay)
 
     async def _send(
-        self, subject: str, data: bytes, headers: dict[str, str], timeout: float
+        self, subject: str, data: bytes, headers: dict[str, str] | None, timeout: float
     ) -> Msg:
         try:
             reply: Msg = await self._nc_of().request(
@@ -497,7 +512,7 @@ class Caller:
         self,
         subject: str,
         data: bytes,
-        headers: dict[str, str],
+        headers: dict[str, str] | None,
         timeout: float,
         policy: CallPolicy,
     ) -> Msg:
@@ -578,6 +593,12 @@ class Caller:
         finally:
             await sub.unsubscribe()
         return result
+
+
+@functools.lru_cache(maxsize=256)
+def _millis(seconds: float) -> str:
+    """A timeout budget as header text (cached: most calls share a few timeouts)."""
+    return str(max(1, int(seconds * 1000)))
 
 
 def _failure_kind(failure: RequestError) -> str:
