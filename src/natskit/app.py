@@ -21,8 +21,16 @@ import logging
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats.errors
@@ -35,7 +43,12 @@ from natskit.connection import (
     connect,
     servers_from_env,
 )
-from natskit.errors import ConnectionClosed, PayloadTooLarge, RequestError
+from natskit.errors import (
+    ConnectionClosed,
+    PayloadTooLarge,
+    PublishFailed,
+    RequestError,
+)
 from natskit.pipeline import Declaration, Middleware, Source, inspect_handler
 from natskit.pubsub import Subscription
 from natskit.rpc import (
@@ -46,6 +59,21 @@ from natskit.rpc import (
     Replies,
     ServiceResponder,
 )
+from natskit.streams import (
+    Consumer,
+    ConsumerSpec,
+    DeliverFrom,
+    JetStreamPlan,
+    Outgoing,
+    PubAck,
+    PublishRetry,
+    Redelivery,
+    StoredMessage,
+    StreamSpec,
+    publisher_for,
+)
+from natskit.streams import replay as replay_stream
+from natskit.streams.publish import MSG_ID, new_msg_id
 from natskit.subjects import validate_pattern, validate_subject
 
 if TYPE_CHECKING:
@@ -113,6 +141,7 @@ class App:
         self._nc: Client | None = None
         self._valid_subjects: set[str] = set()
         self._stopping = False
+        self._jetstream: JetStreamPlan | None = None
         self.caller = Caller(lambda: self.nc, default=call_policy or CallPolicy())
 
     def __repr__(self) -> str:
@@ -450,3 +479,194 @@ class App:
         """Wait until the server has received everything published so far."""
         # nats-py annotates the timeout as int; it is used as a float by asyncio.
         await self.nc.flush(timeout=timeout)  # type: ignore[arg-type]
+
+    # -- streams (JetStream) --
+
+    def stream(self, spec: StreamSpec) -> StreamSpec:
+        """Declare a JetStream stream: created on start, or updated where allowed.
+
+        A field the server cannot change in place (storage; retention to or from
+        ``workqueue``) makes ``start()`` raise :class:`~natskit.errors.SpecConflict`
+        naming it; subjects overlapping another stream raise
+        :class:`~natskit.errors.SubjectsOverlap` naming both streams.
+        """
+        if self.started:
+            raise RuntimeError("streams must be declared before the app starts")
+        self._jetstream_plan().add_stream(spec)
+        return spec
+
+    def consume(
+        self,
+        *,
+        stream: str,
+        durable: str,
+        filter_subjects: tuple[str, ...] | str = (),
+        deliver: DeliverFrom = "all",
+        ack_wait: float = 30.0,
+        max_deliver: int = 5,
+        max_ack_pending: int = 1000,
+        batch: int = 100,
+        max_concurrency: int = 16,
+        retry: Redelivery | None = None,
+        dead_letter: bool = True,
+        exactly_once: bool = False,
+        publish_to: str | None = None,
+        max_rate: float | None = None,
+    ) -> Callable[[F], F]:
+        """Declare a handler fed by a durable pull consumer on ``stream`` (at least once).
+
+        Success acks. A retryable failure naks with a delay from ``retry`` that grows
+        with the delivery count; a permanent failure (undecodable payload, ``Reject``)
+        or a failure of delivery ``max_deliver`` goes to the dead-letter stream ``DLQ``,
+        then the message is terminated. Long handlers keep their message with
+        in-progress acks. ``exactly_once`` makes the ack wait for the server's
+        confirmation; ``publish_to`` publishes the handler's return value there (a
+        pipeline stage) with a message id derived from the stream sequence.
+        ``max_rate`` caps handler starts per second in this process.
+        """
+        if self.started:
+            raise RuntimeError("consumers must be declared before the app starts")
+        spec = ConsumerSpec(
+            stream=stream,
+            durable=durable,
+            filter_subjects=(
+                (filter_subjects,)
+                if isinstance(filter_subjects, str)
+                else tuple(filter_subjects)
+            ),
+            deliver=deliver,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            max_ack_pending=max_ack_pending,
+        )
+
+        def declare(func: F) -> F:
+            consumer = Consumer(
+                spec=spec,
+                handler=inspect_handler(func),
+                batch=batch,
+                max_concurrency=max_concurrency,
+                retry=retry or Redelivery(),
+                dead_letter=dead_letter,
+                exactly_once=exactly_once,
+                publish_to=publish_to,
+                max_rate=max_rate,
+            )
+            self._jetstream_plan().add_consumer(consumer)
+            self.declare(consumer)
+            return func
+
+        return declare
+
+    async def js_publish(
+        self,
+        subject: str,
+        value: Any,
+        *,
+        msg_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+        retry: PublishRetry | None = None,
+    ) -> PubAck:
+        """Publish to a stream and wait for the server's ack.
+
+        Every publish carries a message id (``msg_id``, else a fresh one), so the
+        retries on timeouts, "no responders" and reconnects (``retry``; default 8
+        attempts) store it once; ``ack.duplicate`` says the server had it already.
+        Raises :class:`~natskit.errors.PublishFailed` when no ack came.
+        """
+        subject, data, hdrs = self._js_message(
+            subject, value, msg_id, headers, content_type
+        )
+        publisher = await publisher_for(self.nc)
+        return await publisher.publish(subject, data, hdrs, retry or PublishRetry())
+
+    async def js_publish_many(
+        self,
+        items: Iterable[Outgoing | tuple[str, Any]],
+        *,
+        max_in_flight: int = 256,
+        retry: PublishRetry | None = None,
+        return_exceptions: bool = False,
+    ) -> list[PubAck | PublishFailed]:
+        """Publish many messages pipelined, at most ``max_in_flight`` unacknowledged.
+
+        Items are ``Outgoing`` values or ``(subject, value)`` pairs. Returns one result
+        per item, in order. Every ack is checked: a failed message raises
+        :class:`~natskit.errors.PublishFailed` once all have settled, or, with
+        ``return_exceptions``, stands in its place in the list.
+        """
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        publisher = await publisher_for(self.nc)
+
+        def messages() -> Iterator[tuple[str, bytes, dict[str, str]]]:
+            for item in items:
+                if isinstance(item, Outgoing):
+                    yield self._js_message(
+                        item.subject,
+                        item.value,
+                        item.msg_id,
+                        item.headers,
+                        item.content_type,
+                    )
+                else:
+                    yield self._js_message(item[0], item[1], None, None, None)
+
+        results = await publisher.publish_many(
+            messages(), max_in_flight=max_in_flight, retry=retry or PublishRetry()
+        )
+        if not return_exceptions:
+            failures = [r for r in results if isinstance(r, PublishFailed)]
+            if failures:
+                raise failures[0]
+        return results
+
+    def _js_message(
+        self,
+        subject: str,
+        value: Any,
+        msg_id: str | None,
+        headers: Mapping[str, str] | None,
+        content_type: str | None,
+    ) -> tuple[str, bytes, dict[str, str]]:
+        if subject not in self._valid_subjects:
+            validate_subject(subject)
+            if len(self._valid_subjects) < _VALIDATED_CACHE_LIMIT:
+                self._valid_subjects.add(subject)
+        data, ctype = encode(value, content_type)
+        hdrs = dict(headers) if headers else {}
+        if ctype is not None:
+            hdrs[CONTENT_TYPE] = ctype
+        hdrs[MSG_ID] = msg_id or new_msg_id()
+        return subject, data, hdrs
+
+    def replay(
+        self,
+        stream: str,
+        *,
+        from_seq: int | None = None,
+        since: datetime | None = None,
+        subject: str | None = None,
+        follow: bool = False,
+    ) -> AsyncIterator[StoredMessage]:
+        """The messages of ``stream`` in order, through an ordered consumer.
+
+        From the first message, or ``from_seq``, or ``since`` (a timezone-aware
+        time); ``subject`` filters (wildcards allowed). Ends at the last message
+        unless ``follow``. Use as ``async for message in app.replay("ORDERS"): ...``.
+        """
+        return replay_stream(
+            self.nc,
+            stream,
+            from_seq=from_seq,
+            since=since,
+            subject=subject,
+            follow=follow,
+        )
+
+    def _jetstream_plan(self) -> JetStreamPlan:
+        if self._jetstream is None:
+            self._jetstream = JetStreamPlan()
+            self.prepare(self._jetstream.reconcile)
+        return self._jetstream

@@ -26,9 +26,11 @@ with a message naming what was wrong: those are programming errors, not runtime 
     │   ├── CircuitOpen                the breaker for the subject is open; the call was not made
     │   └── ServiceError               the responder replied with an error (code, description)
     ├── StreamError                    JetStream streams and consumers
+    │   ├── JetStreamApiError          the JetStream API refused a request (code, err_code)
+    │   ├── StreamNotFound             no stream of that name (or consumer on it)
     │   ├── SpecConflict               a declared spec cannot be applied to what exists
-    │   ├── PublishFailed              a JetStream publish was not acknowledged
-    │   └── ...                        further errors land with the patterns that need them
+    │   ├── SubjectsOverlap            two streams would claim the same subjects
+    │   └── PublishFailed              a JetStream publish was not acknowledged
     └── HandlerError                   raised *by handlers* to steer settlement
         ├── Retry                      retry this message (after a delay where the source can)
         └── Reject                     permanent failure: never retry; dead-letter where possible
@@ -43,10 +45,12 @@ __all__ = [
     "ConnectionClosed",
     "DecodeError",
     "HandlerError",
+    "JetStreamApiError",
     "NatskitError",
     "NoResponders",
     "PayloadTooLarge",
     "PermissionDenied",
+    "PublishFailed",
     "Reject",
     "RequestError",
     "RequestTimeout",
@@ -55,6 +59,10 @@ __all__ = [
     "ServerNotFound",
     "ServerStartError",
     "ServiceError",
+    "SpecConflict",
+    "StreamError",
+    "StreamNotFound",
+    "SubjectsOverlap",
 ]
 
 
@@ -220,3 +228,96 @@ class Reject(HandlerError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class StreamError(NatskitError):
+    """Trouble with JetStream streams, consumers or publishing."""
+
+
+class JetStreamApiError(StreamError):
+    """The JetStream API answered a request with an error."""
+
+    def __init__(
+        self, operation: str, description: str, *, code: int = 0, err_code: int = 0
+    ) -> None:
+        self.operation = operation
+        self.description = description
+        self.code = code
+        self.err_code = err_code
+        super().__init__(
+            f"JetStream {operation} failed: {description} (code {code}, err_code "
+            f"{err_code})"
+        )
+
+
+class StreamNotFound(StreamError):
+    """The stream (or the consumer on it) does not exist."""
+
+    def __init__(self, stream: str, consumer: str | None = None) -> None:
+        self.stream = stream
+        self.consumer = consumer
+        what = f"consumer {consumer!r} on stream {stream!r}" if consumer else None
+        super().__init__(f"{what or f'stream {stream!r}'} does not exist")
+
+
+class SpecConflict(StreamError):
+    """A declared stream or consumer differs from the server's in a field it cannot change.
+
+    Carries the field, the value on the server (``old``) and the declared one (``new``).
+    """
+
+    def __init__(
+        self,
+        field: str,
+        old: object,
+        new: object,
+        *,
+        stream: str,
+        consumer: str | None = None,
+        reason: str = "",
+    ) -> None:
+        self.field = field
+        self.old = old
+        self.new = new
+        self.stream = stream
+        self.consumer = consumer
+        self.reason = reason
+        what = f"consumer {consumer!r} on stream {stream!r}" if consumer else None
+        because = f": {reason}" if reason else ""
+        super().__init__(
+            f"{what or f'stream {stream!r}'}: field {field!r} is {old!r} on the server "
+            f"and {new!r} in the declaration, and cannot be changed in place{because} "
+            "(delete and recreate it, or declare the existing value)"
+        )
+
+
+class SubjectsOverlap(StreamError):
+    """A stream's subjects overlap those of another stream."""
+
+    def __init__(
+        self, stream: str, subject: str, other: str, other_subject: str
+    ) -> None:
+        self.stream = stream
+        self.subject = subject
+        self.other = other
+        self.other_subject = other_subject
+        super().__init__(
+            f"stream {stream!r}: subject {subject!r} overlaps {other_subject!r} of "
+            f"stream {other!r}"
+        )
+
+
+class PublishFailed(StreamError):
+    """A JetStream publish was not acknowledged (after its retries, where allowed)."""
+
+    def __init__(
+        self, subject: str, reason: str, *, msg_id: str | None = None, attempts: int = 1
+    ) -> None:
+        self.subject = subject
+        self.reason = reason
+        self.msg_id = msg_id
+        self.attempts = attempts
+        ident = f" (msg id {msg_id})" if msg_id else ""
+        super().__init__(
+            f"publish on {subject!r}{ident} failed after {attempts} attempt(s): {reason}"
+        )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from natskit.cli import commands, logs
+from natskit.cli import commands, logs, streams
 
 __all__ = ["main"]
 
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--events", type=int, default=2000, help="events to publish")
     _add_server_option(demo)
     demo.set_defaults(func=commands.demo)
+    streams.add_parsers(sub)
     return parser
 
 
