@@ -2,6 +2,13 @@
 
 from natskit.app import App
 from natskit.connection import Backoff, ConnectOptions, TLSOptions
+from natskit.discovery import (
+    EventKind,
+    Instance,
+    Registry,
+    RegistryEvent,
+    Status,
+)
 from natskit.errors import (
     CircuitOpen,
     CodecError,
@@ -65,7 +72,9 @@ __all__ = [
     "DeadLetter",
     "DecodeError",
     "Delivery",
+    "EventKind",
     "HandlerError",
+    "Instance",
     "JetStreamApiError",
     "Message",
     "Middleware",
@@ -79,6 +88,8 @@ __all__ = [
     "PublishFailed",
     "PublishRetry",
     "Redelivery",
+    "Registry",
+    "RegistryEvent",
     "Reject",
     "Replies",
     "RequestError",
@@ -90,6 +101,7 @@ __all__ = [
     "ServerStartError",
     "ServiceError",
     "SpecConflict",
+    "Status",
     "StoredMessage",
     "StreamError",
     "StreamNotFound",

@@ -31,7 +31,7 @@ from collections.abc import (
 )
 from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import nats.errors
 from nats.nuid import NUID
@@ -43,12 +43,16 @@ from natskit.connection import (
     connect,
     servers_from_env,
 )
+from natskit.discovery.direct import DirectEndpoints
+from natskit.discovery.heartbeat import Heartbeats, ReadinessCheck, Status
 from natskit.errors import (
     ConnectionClosed,
     PayloadTooLarge,
     PublishFailed,
     RequestError,
 )
+from natskit.observability.metrics import LagRefresher, enable_metrics
+from natskit.observability.tracing import Tracing
 from natskit.pipeline import Declaration, Middleware, Source, inspect_handler
 from natskit.pubsub import Subscription
 from natskit.rpc import (
@@ -73,6 +77,7 @@ from natskit.streams import (
     publisher_for,
 )
 from natskit.streams import replay as replay_stream
+from natskit.streams.consumer import PullConsumer
 from natskit.streams.publish import MSG_ID, new_msg_id
 from natskit.subjects import validate_pattern, validate_subject
 
@@ -112,6 +117,8 @@ class App:
         connection: ConnectOptions | None = None,
         drain_timeout: float = 30.0,
         call_policy: CallPolicy | None = None,
+        heartbeat_interval: float = 2.0,
+        readiness: ReadinessCheck | None = None,
     ) -> None:
         if not _NAME.match(name):
             raise ValueError(
@@ -124,6 +131,10 @@ class App:
             )
         if drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be > 0, got {drain_timeout}")
+        if not heartbeat_interval > 0:
+            raise ValueError(
+                f"heartbeat_interval must be > 0, got {heartbeat_interval}"
+            )
         self.name = name
         self.version = version
         self.description = description
@@ -142,7 +153,13 @@ class App:
         self._valid_subjects: set[str] = set()
         self._stopping = False
         self._jetstream: JetStreamPlan | None = None
+        self.tracing: Tracing | None = None
+        self.metrics_enabled = False
         self.caller = Caller(lambda: self.nc, default=call_policy or CallPolicy())
+        self.heartbeat_interval = heartbeat_interval
+        self.readiness = readiness
+        self._status = Status.STOPPED
+        self._heartbeats: Heartbeats | None = None
 
     def __repr__(self) -> str:
         return f"App(name={self.name!r}, version={self.version!r}, id={self.instance_id!r})"
@@ -276,21 +293,36 @@ class App:
             raise RuntimeError(f"app {self.name} is already started")
         options = self._resolve_options(servers)
         self._stopping = False
+        self._status = Status.STARTING
         self._nc = await connect(options, events=self.events)
         try:
             for step in self._prepare:
                 await step(self._nc)
             for hook in self._on_start:
                 await hook()
+            self.tracing = self.caller.tracing = Tracing.detect(self.name)
             middleware = tuple(self._middleware)
+            if self.tracing is not None:
+                middleware = (self.tracing.middleware, *middleware)
             for declaration in self._declarations:
                 source = declaration.build(middleware)
+                if isinstance(source, PullConsumer):
+                    source.tracing = self.tracing
                 await source.start(self._nc)
                 self._sources.append(source)
+            if self.metrics_enabled:
+                enable_metrics(self)
+                refresher = LagRefresher(self)
+                await refresher.start(self._nc)
+                self._sources.append(refresher)
             responder = ServiceResponder(self)
             await responder.start(self._nc)
             self._sources.append(responder)
+            for extra in (DirectEndpoints(self), self._new_heartbeats()):
+                await extra.start(self._nc)
+                self._sources.append(extra)
             await self._nc.flush()
+            await self._set_status(Status.READY)
         except BaseException:
             await self._close()
             raise
@@ -321,6 +353,7 @@ class App:
         if self._nc is None or self._stopping:
             return
         self._stopping = True
+        await self._set_status(Status.DRAINING)
         bound = self.drain_timeout if timeout is None else timeout
         log.info("app %s draining (up to %.1fs for in-flight work)", self.name, bound)
         deadline = time.monotonic() + bound
@@ -338,10 +371,29 @@ class App:
                 await hook()
             except Exception:
                 log.exception("app %s: on_stop hook %r failed", self.name, hook)
+        await self._set_status(Status.STOPPING)  # the going-away heartbeat
         await self._close()
         log.info("app %s stopped", self.name)
 
+    @property
+    def status(self) -> Status:
+        """starting, ready, draining, stopping (stopped before start and after stop)."""
+        return self._status
+
+    def _new_heartbeats(self) -> Heartbeats:
+        self._heartbeats = Heartbeats(
+            self, interval=self.heartbeat_interval, readiness=self.readiness
+        )
+        return self._heartbeats
+
+    async def _set_status(self, status: Status) -> None:
+        self._status = status
+        if self._heartbeats is not None:
+            await self._heartbeats.announce(status)
+
     async def _close(self) -> None:
+        self._status = Status.STOPPED
+        self._heartbeats = None
         nc, self._nc = self._nc, None
         self._sources.clear()
         if nc is None or nc.is_closed:
@@ -417,6 +469,21 @@ class App:
             hdrs[CONTENT_TYPE] = ctype
         if len(data) > nc.max_payload:
             raise PayloadTooLarge(subject, len(data), nc.max_payload)
+        if self.tracing is not None:
+            hdrs = hdrs if hdrs is not None else {}
+            with self.tracing.producer("publish", subject, hdrs):
+                await self._send(nc, subject, data, reply, hdrs)
+            return
+        await self._send(nc, subject, data, reply, hdrs)
+
+    async def _send(
+        self,
+        nc: Client,
+        subject: str,
+        data: bytes,
+        reply: str,
+        hdrs: dict[str, str] | None,
+    ) -> None:
         try:
             await nc.publish(subject, data, reply=reply, headers=hdrs)
         except nats.errors.MaxPayloadError:
@@ -427,16 +494,39 @@ class App:
         ) as exc:
             raise ConnectionClosed(f"cannot publish on {subject!r}: {exc}") from None
 
+    @overload
     async def request(
         self,
         subject: str,
         value: Any,
         *,
-        response_type: type[R] | Any = bytes,
+        response_type: type[R],
         policy: CallPolicy | None = None,
         headers: Mapping[str, str] | None = None,
         fallback: Callable[[RequestError], Awaitable[R]] | None = None,
-    ) -> R:
+    ) -> R: ...
+
+    @overload
+    async def request(
+        self,
+        subject: str,
+        value: Any,
+        *,
+        policy: CallPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+        fallback: Callable[[RequestError], Awaitable[bytes]] | None = None,
+    ) -> bytes: ...
+
+    async def request(
+        self,
+        subject: str,
+        value: Any,
+        *,
+        response_type: Any = bytes,
+        policy: CallPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+        fallback: Callable[[RequestError], Awaitable[Any]] | None = None,
+    ) -> Any:
         """Call an endpoint and return its decoded reply.
 
         Raises :class:`~natskit.errors.NoResponders`, :class:`~natskit.errors.RequestTimeout`,
@@ -444,7 +534,7 @@ class App:
         :class:`~natskit.errors.DecodeError`; with ``fallback``, request errors call it
         instead. ``policy`` (default: the App's) sets timeout, retries, breaker, hedging.
         """
-        result: R = await self.caller.request(
+        return await self.caller.request(
             subject,
             value,
             response_type=response_type,
@@ -452,7 +542,6 @@ class App:
             headers=headers,
             fallback=fallback,
         )
-        return result
 
     async def gather(
         self,
@@ -579,6 +668,11 @@ class App:
             subject, value, msg_id, headers, content_type
         )
         publisher = await publisher_for(self.nc)
+        if self.tracing is not None:
+            with self.tracing.producer("publish", subject, hdrs):
+                return await publisher.publish(
+                    subject, data, hdrs, retry or PublishRetry()
+                )
         return await publisher.publish(subject, data, hdrs, retry or PublishRetry())
 
     async def js_publish_many(

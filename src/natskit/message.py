@@ -36,14 +36,23 @@ class Message(Generic[T]):
     Handlers receive one when they declare a parameter annotated ``Message[T]``. The
     payload is decoded once, before the handler runs; ``data`` holds the raw bytes.
     ``delivery`` is set for messages from JetStream consumers, ``None`` otherwise.
+    ``pattern`` is what the handler was declared on (a subject pattern, or
+    ``stream/durable``), for labels that must not hold concrete subjects.
     """
 
-    __slots__ = ("_payload", "delivery", "raw", "source")
+    __slots__ = ("_payload", "delivery", "pattern", "raw", "source")
 
-    def __init__(self, raw: Msg, source: str, delivery: Delivery | None = None) -> None:
+    def __init__(
+        self,
+        raw: Msg,
+        source: str,
+        delivery: Delivery | None = None,
+        pattern: str = "",
+    ) -> None:
         self.raw = raw
         self.source = source
         self.delivery = delivery
+        self.pattern = pattern
         self._payload: Any = _UNSET
 
     @property

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from natskit.codec import CONTENT_TYPE, decoder_for, type_name
 from natskit.errors import DecodeError, HandlerError, Reject, ServiceError
 from natskit.message import Message
+from natskit.observability.logs import RateLimitedLog
+from natskit.observability.metrics import Histogram
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -64,6 +66,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("natskit.pipeline")
+_decode_warnings = RateLimitedLog(log)
 
 TIMEOUT_HEADER = "Natskit-Timeout-Ms"
 """A caller's remaining time budget in milliseconds, sent with each request."""
@@ -127,6 +130,8 @@ class HandlerStats:
     processing_ns: int = 0
     last_error: str = ""
     in_flight: int = 0
+    error_classes: dict[str, int] = field(default_factory=dict)
+    histogram: Histogram | None = None
 
     @property
     def average_ns(self) -> int:
@@ -237,10 +242,12 @@ class Pipeline:
         label: str,
         middleware: Sequence[Middleware] = (),
         source: str = "core",
+        pattern: str = "",
     ) -> None:
         self.handler = handler
         self.label = label
         self.source = source
+        self.pattern = pattern
         self.stats = HandlerStats()
         self.settle: Settlement | None = None
         self._direct = not middleware
@@ -286,11 +293,13 @@ class Pipeline:
         if headers and TIMEOUT_HEADER in headers:
             token = current_deadline.set(_deadline_from(headers[TIMEOUT_HEADER]))
             try:
-                await self.process(Message(raw, self.source), settle)
+                await self.process(
+                    Message(raw, self.source, None, self.pattern), settle
+                )
             finally:
                 current_deadline.reset(token)
             return
-        await self.process(Message(raw, self.source), settle)
+        await self.process(Message(raw, self.source, None, self.pattern), settle)
 
     @property
     def callback(self) -> Callable[[Msg], Awaitable[None]]:
@@ -318,11 +327,16 @@ class Pipeline:
         except Exception as exc:
             if isinstance(exc, DecodeError):
                 exc = exc.with_subject(raw.subject)
-            await self._failed(Message(raw, self.source), exc, started, self.settle)
+            await self._failed(
+                Message(raw, self.source, None, self.pattern), exc, started, self.settle
+            )
             return
+        elapsed = time.perf_counter_ns() - started
         stats.received += 1
-        stats.processing_ns += time.perf_counter_ns() - started
+        stats.processing_ns += elapsed
         stats.in_flight -= 1
+        if stats.histogram is not None:
+            stats.histogram.observe_ns(elapsed)
 
     async def process(self, msg: Message[Any], settle: Settlement) -> None:
         """Run the handler on ``msg`` and settle it; never raises but cancellation."""
@@ -340,9 +354,12 @@ class Pipeline:
         except Exception as exc:
             await self._failed(msg, exc, started, settle)
             return
+        elapsed = time.perf_counter_ns() - started
         stats.received += 1
-        stats.processing_ns += time.perf_counter_ns() - started
+        stats.processing_ns += elapsed
         stats.in_flight -= 1
+        if stats.histogram is not None:
+            stats.histogram.observe_ns(elapsed)
         if not (settle.settles_every_success or msg.raw.reply):
             return
         try:
@@ -358,10 +375,15 @@ class Pipeline:
         self, msg: Message[Any], exc: Exception, started: int, settle: Settlement
     ) -> None:
         stats = self.stats
+        elapsed = time.perf_counter_ns() - started
         stats.received += 1
         stats.errors += 1
-        stats.processing_ns += time.perf_counter_ns() - started
+        stats.processing_ns += elapsed
         stats.in_flight -= 1
+        error = type(exc).__name__
+        stats.error_classes[error] = stats.error_classes.get(error, 0) + 1
+        if stats.histogram is not None:
+            stats.histogram.observe_ns(elapsed)
         permanent = self._record_failure(msg, exc)
         try:
             await settle.failed(msg, exc, permanent=permanent)
@@ -377,7 +399,7 @@ class Pipeline:
         if isinstance(exc, DecodeError):
             stats.decode_errors += 1
             stats.last_error = str(exc)
-            log.warning("%s: %s", self.label, exc)
+            _decode_warnings.warning(self.label, "%s: %s", self.label, exc)
             return True
         if isinstance(exc, HandlerError):
             stats.last_error = f"{type(exc).__name__}: {exc}"

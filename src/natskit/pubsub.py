@@ -141,7 +141,11 @@ class CoreSource:
         self.source = source
         self.label = spec.label
         self.pipeline = Pipeline(
-            spec.handler, label=spec.label, middleware=middleware, source=source
+            spec.handler,
+            label=spec.label,
+            middleware=middleware,
+            source=source,
+            pattern=spec.pattern,
         )
         self._sub: NatsSubscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()

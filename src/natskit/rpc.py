@@ -63,6 +63,7 @@ from natskit.errors import (
     RequestTimeout,
     ServiceError,
 )
+from natskit.observability.metrics import MAX_CALL_SUBJECTS, Histogram
 from natskit.pipeline import TIMEOUT_HEADER, Handler, Middleware, current_deadline
 from natskit.pubsub import (
     SERVICE_ERROR,
@@ -79,6 +80,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from natskit.app import App
+    from natskit.observability.tracing import Tracing
 
 __all__ = [
     "CallPolicy",
@@ -337,6 +339,14 @@ class CallStats:
     breaker_opened: int = 0
 
 
+@dataclass
+class SubjectCalls:
+    """Outcomes and latency of the calls to one subject (kept while metrics are on)."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    latency: Histogram = field(default_factory=Histogram)
+
+
 @dataclass(frozen=True)
 class Replies(Generic[T]):
     """What a scatter-gather call collected: decoded values and error replies."""
@@ -355,6 +365,9 @@ class Caller:
         self.breakers: dict[str, CircuitBreaker] = {}
         self._decoders: dict[Any, Callable[[bytes, str | None], Any]] = {}
         self._valid: set[str] = set()
+        self.metrics_enabled = False
+        self.by_subject: dict[str, SubjectCalls] = {}
+        self.tracing: Tracing | None = None
 
     def _decoder(self, tp: Any) -> Callable[[bytes, str | None], Any]:
         decode = self._decoders.get(tp)
@@ -379,6 +392,15 @@ class Caller:
             self.breakers[subject] = breaker
         return breaker
 
+    def _record(self, subject: str, outcome: str, started: int) -> None:
+        per = self.by_subject.get(subject)
+        if per is None:
+            if len(self.by_subject) >= MAX_CALL_SUBJECTS:
+                subject = "other"
+            per = self.by_subject.setdefault(subject, SubjectCalls())
+        per.outcomes[outcome] = per.outcomes.get(outcome, 0) + 1
+        per.latency.observe_ns(time.perf_counter_ns() - started)
+
     def _on_breaker_change(self, name: str, old: Any, new: Any) -> None:
         if new.value == "open":
             self.stats.breaker_opened += 1
@@ -402,14 +424,27 @@ class Caller:
             base_headers[CONTENT_TYPE] = ctype
         breaker = self.breaker(subject, policy.breaker) if policy.breaker else None
         self.stats.calls += 1
+        started = time.perf_counter_ns() if self.metrics_enabled else 0
         try:
-            reply = await self._attempts(subject, data, base_headers, policy, breaker)
+            if self.tracing is None:
+                reply = await self._attempts(
+                    subject, data, base_headers, policy, breaker
+                )
+            else:
+                with self.tracing.client(subject, base_headers):
+                    reply = await self._attempts(
+                        subject, data, base_headers, policy, breaker
+                    )
         except RequestError as exc:
             self.stats.failures += 1
+            if started:
+                self._record(subject, type(exc).__name__, started)
             if fallback is None:
                 raise
             self.stats.fallbacks += 1
             return await fallback(exc)
+        if started:
+            self._record(subject, "ok", started)
         reply_headers = reply.headers
         reply_type = reply_headers.get(CONTENT_TYPE) if reply_headers else None
         try:

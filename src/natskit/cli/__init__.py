@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from natskit.cli import commands, logs, streams
+from natskit.cli import commands, logs, services, streams
 
 __all__ = ["main"]
 
@@ -26,24 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = sub.add_parser("run", help="run an App: natskit run module:app")
-    run.add_argument("target", help="module:attribute naming an App (or a factory)")
-    _add_server_option(run)
-    run.add_argument(
-        "--workers", type=int, default=1, help="processes to run (default 1)"
-    )
-    run.add_argument(
-        "--store-dir",
-        default=None,
-        help="JetStream data of the embedded server (default .natskit/store)",
-    )
-    run.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=None,
-        help="seconds to finish in-flight work",
-    )
-    run.set_defaults(func=commands.run)
+    _add_run(sub)
 
     server = sub.add_parser(
         "server", help="run an embedded nats-server in the foreground"
@@ -83,12 +67,71 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_option(req)
     req.set_defaults(func=commands.req)
 
-    demo = sub.add_parser("demo", help="run the reference demo on an embedded server")
-    demo.add_argument("--events", type=int, default=2000, help="events to publish")
+    demo = sub.add_parser(
+        "demo", help="run the reference order system and drive orders through it"
+    )
+    demo.add_argument("--orders", type=int, default=2000, help="orders to send (2000)")
+    demo.add_argument(
+        "--rate", type=float, default=250.0, help="orders per second (250)"
+    )
+    demo.add_argument(
+        "--chaos",
+        action="store_true",
+        help="SIGKILL a shipper and a payment instance mid-run, then restart them",
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="leave the system up until Ctrl-C"
+    )
+    demo.add_argument(
+        "--payment-failures",
+        type=float,
+        default=0.02,
+        help="share of charges the payment provider fails (0.02)",
+    )
     _add_server_option(demo)
     demo.set_defaults(func=commands.demo)
     streams.add_parsers(sub)
+    services.add_parsers(sub)
     return parser
+
+
+def _add_run(sub: Any) -> None:
+    run = sub.add_parser("run", help="run an App: natskit run module:app")
+    run.add_argument("target", help="module:attribute naming an App (or a factory)")
+    _add_server_option(run)
+    run.add_argument(
+        "--workers", type=int, default=1, help="processes to run (default 1)"
+    )
+    run.add_argument(
+        "--store-dir",
+        default=None,
+        help="JetStream data of the embedded server (default .natskit/store)",
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="seconds to finish in-flight work",
+    )
+    run.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="serve HTTP /livez and /readyz on this port (worker i gets PORT+i)",
+    )
+    run.add_argument(
+        "--health-host", default="127.0.0.1", help="address of the health probes"
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at /metrics on this port (worker i gets PORT+i)",
+    )
+    run.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address of the metrics endpoint"
+    )
+    run.set_defaults(func=commands.run)
 
 
 def _add_server_option(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +145,8 @@ def _add_server_option(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log_level is None:
+        args.log_level = "WARNING" if args.command == "demo" else "INFO"
     logs.configure(args.log_level, args.log_format)
     code: int = args.func(args)
     return code

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_with(app: App, args: argparse.Namespace, servers: list[str]) -> int:
     if args.workers == 1:
         try:
-            asyncio.run(app.run(servers))
+            asyncio.run(_serve(app, args, servers))
         except ConnectError as exc:
             return fail(str(exc))
         except KeyboardInterrupt:
@@ -138,13 +139,36 @@ def _run_with(app: App, args: argparse.Namespace, servers: list[str]) -> int:
     return _run_workers(args, servers)
 
 
+async def _serve(app: App, args: argparse.Namespace, servers: list[str]) -> None:
+    metrics_port = getattr(args, "metrics_port", None)
+    if metrics_port is not None:
+        from natskit.observability import serve_metrics
+
+        serve_metrics(app, metrics_port, args.metrics_host)
+    port = getattr(args, "health_port", None)
+    if port is None:
+        await app.run(servers)
+        return
+    from natskit.discovery.probes import run_with_probes
+
+    await run_with_probes(app, servers, host=args.health_host, port=port)
+
+
 def _run_workers(args: argparse.Namespace, servers: list[str]) -> int:
     command = [sys.executable, "-m", "natskit", "--log-level", args.log_level]
     command += ["--log-format", args.log_format, "run", args.target]
     command += ["--server", ",".join(servers), "--workers", "1"]
     if args.drain_timeout is not None:
         command += ["--drain-timeout", str(args.drain_timeout)]
-    children = [subprocess.Popen(command) for _ in range(args.workers)]
+    port = getattr(args, "health_port", None)
+    children = []
+    for i in range(args.workers):
+        health = [] if port is None else ["--health-port", str(port + i)]
+        health += ["--health-host", args.health_host] if health else []
+        if args.metrics_port is not None:
+            health += ["--metrics-port", str(args.metrics_port + i)]
+            health += ["--metrics-host", args.metrics_host]
+        children.append(subprocess.Popen(command + health))
     print(
         f"natskit: {len(children)} workers: pids {' '.join(str(c.pid) for c in children)}",
         file=sys.stderr,
@@ -336,15 +360,31 @@ def req(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from natskit.demo import run_demo
+    from natskit.demo.run import DemoOptions, run_demo
 
+    if args.orders < 1 or args.rate <= 0:
+        return fail("--orders must be >= 1 and --rate > 0", 2)
+    options = DemoOptions(
+        orders=args.orders,
+        rate=args.rate,
+        chaos=args.chaos,
+        keep_running=args.keep_running,
+        payment_failure_rate=args.payment_failures,
+        progress=sys.stderr.isatty(),
+    )
     servers = given_servers(args.server)
     try:
         if servers:
-            return asyncio.run(run_demo(servers, events=args.events))
-        with embedded_server(None, announce=True) as url:
-            return asyncio.run(run_demo([url], events=args.events))
-    except (ServerError, ConnectError) as exc:
+            summary = asyncio.run(run_demo(servers, options))
+        else:
+            # A fresh store per run: the demo's data is not yours to keep.
+            with (
+                tempfile.TemporaryDirectory(prefix="natskit-demo-store-") as store,
+                embedded_server(store, announce=True) as url,
+            ):
+                summary = asyncio.run(run_demo([url], options))
+        return 0 if summary.reconciles else 1
+    except (ServerError, ConnectError, TimeoutError) as exc:
         return fail(str(exc))
     except KeyboardInterrupt:
         return 130

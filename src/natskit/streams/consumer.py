@@ -71,6 +71,8 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
 
+    from natskit.observability.tracing import Tracing
+
 __all__ = ["Consumer", "PullConsumer", "dead_letter_subject", "parse_delivery"]
 
 log = logging.getLogger("natskit.streams")
@@ -196,6 +198,7 @@ class _Settlement:
         else:
             await self.nc.publish(reply, _ACK)
         self.source.settled += 1
+        self.source.counts["ack"] += 1
 
     async def _forward(self, msg: Message[Any], result: Any) -> None:
         assert self.decl.publish_to is not None and msg.delivery is not None
@@ -227,6 +230,7 @@ class _Settlement:
             payload += b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
         await self.nc.publish(raw.reply, payload)
         self.source.settled += 1
+        self.source.counts["nak"] += 1
 
     async def dead_letter(self, raw: Msg, delivery: Delivery, exc: Exception) -> None:
         decl = self.decl
@@ -243,6 +247,7 @@ class _Settlement:
             )
             await self.nc.publish(raw.reply, b"+TERM " + reason.encode())
             self.source.settled += 1
+            self.source.counts["term"] += 1
             return
         headers = dict(raw.headers or {})
         original_id = headers.pop(MSG_ID, None)
@@ -265,7 +270,16 @@ class _Settlement:
         subject = dead_letter_subject(delivery.stream, delivery.consumer)
         try:
             publisher = await publisher_for(self.nc)
-            await publisher.publish(subject, raw.data, headers, decl.publish_retry)
+            tracing = self.source.tracing
+            if tracing is None:
+                await publisher.publish(subject, raw.data, headers, decl.publish_retry)
+            else:
+                with tracing.producer(
+                    "dead-letter", subject, headers, parent=raw.headers
+                ):
+                    await publisher.publish(
+                        subject, raw.data, headers, decl.publish_retry
+                    )
         except (PublishFailed, ConnectionClosed) as failure:
             # Keep the message: it comes back (at worst as the spare delivery) and is
             # dead-lettered then.
@@ -288,6 +302,7 @@ class _Settlement:
         )
         await self.nc.publish(raw.reply, b"+TERM " + reason.encode())
         self.source.settled += 1
+        self.source.counts["dead_letter"] += 1
 
 
 def _reason(exc: Exception) -> str:
@@ -312,10 +327,20 @@ class PullConsumer:
     ) -> None:
         self.decl = decl
         self.label = decl.label
+        self.pattern = f"{decl.spec.stream}/{decl.spec.durable}"
         self.pipeline = Pipeline(
-            decl.handler, label=decl.label, middleware=middleware, source="jetstream"
+            decl.handler,
+            label=decl.label,
+            middleware=middleware,
+            source="jetstream",
+            pattern=self.pattern,
         )
         self.settled = 0
+        # Settlements by kind, and the server's view of the consumer (refreshed while
+        # metrics are served), read by natskit.observability.metrics.
+        self.counts: dict[str, int] = {"ack": 0, "nak": 0, "dead_letter": 0, "term": 0}
+        self.lag: dict[str, int] = {}
+        self.tracing: Tracing | None = None  # set by the App when tracing is on
         self._nc: Client | None = None
         self._settle: _Settlement | None = None
         self._sub: Any = None
@@ -453,7 +478,7 @@ class PullConsumer:
                     ),
                 )
             else:
-                msg: Message[Any] = Message(raw, "jetstream", delivery)
+                msg: Message[Any] = Message(raw, "jetstream", delivery, self.pattern)
                 await self.pipeline.process(msg, settle)
         except asyncio.CancelledError:
             # Not finished within the drain bound: give it back at once.

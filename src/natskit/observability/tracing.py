@@ -1,0 +1,161 @@
+"""OpenTelemetry tracing across every hop, with W3C trace context in message headers.
+
+Theory of operation
+-------------------
+:meth:`Tracing.detect` returns a :class:`Tracing` only when the OpenTelemetry API is
+importable and a real tracer provider has been set (the SDK's, or any other); otherwise
+``None``, and every call site checks for ``None`` once, so tracing costs nothing when
+off.
+
+When on:
+
+* ``publish`` and ``js_publish`` open a PRODUCER span and inject its context
+  (``traceparent``, ``tracestate``) into the message headers;
+* ``request`` opens a CLIENT span around the whole call, retries included, and
+  injects it into each attempt's headers;
+* every handled message, whatever its source, runs inside a CONSUMER span (SERVER for
+  services endpoints) whose parent is extracted from the message's headers. JetStream
+  deliveries carry their delivery count, so redeliveries show in the trace;
+* writing to the dead-letter stream is a PRODUCER span of its own, child of the span
+  that handled the failing delivery.
+
+Span names use the declared subject pattern, never a concrete subject that may hold
+ids; the concrete subject is an attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from natskit.message import Message
+from natskit.pipeline import Middleware, Next
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, Tracer
+
+__all__ = ["Tracing"]
+
+log = logging.getLogger("natskit.observability")
+
+SYSTEM = "nats"
+
+
+class Tracing:
+    """Spans and context propagation for one App (see the module docstring)."""
+
+    def __init__(self, tracer: Tracer, app_name: str) -> None:
+        from opentelemetry import propagate, trace
+
+        self.app_name = app_name
+        self._tracer = tracer
+        self._trace = trace
+        self._propagate = propagate
+        self.middleware: Middleware = self._handle
+
+    @classmethod
+    def detect(cls, app_name: str) -> Tracing | None:
+        """A Tracing if OpenTelemetry is installed and a tracer provider is set."""
+        try:
+            from opentelemetry import trace
+        except ImportError:
+            return None
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+            return None
+        log.info(
+            "tracing on: OpenTelemetry tracer provider %s", type(provider).__name__
+        )
+        return cls(trace.get_tracer("natskit"), app_name)
+
+    def inject(self, headers: MutableMapping[str, str]) -> None:
+        """Write the current trace context into ``headers``."""
+        self._propagate.inject(headers)
+
+    @contextmanager
+    def producer(
+        self,
+        operation: str,
+        subject: str,
+        headers: MutableMapping[str, str],
+        *,
+        parent: Mapping[str, str] | None = None,
+    ) -> Iterator[Span]:
+        """A PRODUCER span around sending ``subject``; injects it into ``headers``.
+
+        ``parent`` names headers to take the parent context from (instead of the
+        current one), as for a dead letter, whose parent is the failed message's trace.
+        """
+        kind = self._trace.SpanKind.PRODUCER
+        context = self._propagate.extract(dict(parent)) if parent else None
+        with self._tracer.start_as_current_span(
+            f"{operation} {subject}",
+            context=context,
+            kind=kind,
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "send",
+                "natskit.operation": operation,
+                "messaging.destination.name": subject,
+            },
+        ) as span:
+            self._propagate.inject(headers)
+            yield span
+
+    @contextmanager
+    def client(self, subject: str, headers: MutableMapping[str, str]) -> Iterator[Span]:
+        """A CLIENT span around a request-reply call to ``subject``."""
+        with self._tracer.start_as_current_span(
+            f"request {subject}",
+            kind=self._trace.SpanKind.CLIENT,
+            attributes={
+                "messaging.system": SYSTEM,
+                "messaging.operation.type": "send",
+                "messaging.destination.name": subject,
+                "rpc.system": "nats",
+            },
+        ) as span:
+            self._propagate.inject(headers)
+            yield span
+
+    def fail(self, span: Span, exc: BaseException) -> None:
+        span.record_exception(exc)
+        span.set_status(
+            self._trace.Status(self._trace.StatusCode.ERROR, type(exc).__name__)
+        )
+
+    async def _handle(self, msg: Message[Any], call_next: Next) -> Any:
+        parent = self._propagate.extract(dict(msg.headers)) if msg.headers else None
+        kind = (
+            self._trace.SpanKind.SERVER
+            if msg.source == "service"
+            else self._trace.SpanKind.CONSUMER
+        )
+        attributes: dict[str, Any] = {
+            "messaging.system": SYSTEM,
+            "messaging.operation.type": "process",
+            "messaging.destination.name": msg.subject,
+            "natskit.source": msg.source,
+            "natskit.app": self.app_name,
+        }
+        delivery = msg.delivery
+        if delivery is not None:
+            attributes["messaging.nats.stream"] = delivery.stream
+            attributes["messaging.consumer.group.name"] = delivery.consumer
+            attributes["messaging.nats.delivery_count"] = delivery.num_delivered
+            attributes["messaging.nats.stream_sequence"] = delivery.stream_sequence
+        with self._tracer.start_as_current_span(
+            f"process {msg.pattern or msg.subject}",
+            context=parent,
+            kind=kind,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await call_next(msg)
+            except Exception as exc:
+                self.fail(span, exc)
+                raise
