@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from natskit.demo.stores import CATALOG, bucket, read_all
 from natskit.discovery import Registry
 from natskit.discovery.heartbeat import POLL_SUBJECT
 
-__all__ = ["DemoOptions", "Summary", "System", "run_demo"]
+__all__ = ["DemoOptions", "Running", "Summary", "System", "run_demo", "running_system"]
 
 SERVICES = (
     "inventory",
@@ -80,6 +81,7 @@ class Summary:
     handled: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
+    redelivered: int = 0
     live: dict[str, int] = field(default_factory=dict)
     chaos: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -140,6 +142,7 @@ class Summary:
             f"({self.calls.get('rejected_by_breaker', 0)} calls failed fast, "
             f"{self.calls.get('fallbacks', 0)} fell back)",
             f"  dead letters        {self.dead_letters:>7}",
+            f"  redeliveries        {self.redelivered:>7}   (absorbed: one shipment per order)",
             "  instances live      "
             + ", ".join(f"{svc} {n}" for svc, n in sorted(self.live.items())),
         ]
@@ -367,6 +370,10 @@ async def collect(
     js = nc.jetstream()
     with contextlib.suppress(Exception):  # no DLQ stream: nothing was dead-lettered
         summary.dead_letters = (await js.stream_info("DLQ")).state.messages
+    for stream, durable in (("ORDERS", "logistics"), ("SHIPPING", "shippers")):
+        with contextlib.suppress(Exception):
+            info = await js.consumer_info(stream, durable)
+            summary.redelivered += info.num_redelivered or 0
     await fresh_heartbeats(app, registry)
     for service, instances in registry.services().items():
         if service in ("notification", "logistics", "shipper"):
@@ -387,38 +394,57 @@ async def fresh_heartbeats(app: App, registry: Registry, timeout: float = 3.0) -
         await asyncio.sleep(0.05)
 
 
-async def run_demo(servers: list[str], options: DemoOptions | None = None) -> Summary:
-    """Run the whole order flow once against ``servers`` and return its summary."""
-    options = options or DemoOptions()
+@dataclass
+class Running:
+    """A started system: its processes, the monitor App and its registry."""
+
+    system: System
+    monitor: App
+    registry: Registry
+
+
+@contextlib.asynccontextmanager
+async def running_system(
+    servers: list[str], options: DemoOptions
+) -> AsyncIterator[Running]:
+    """Start every service, wait until the registry sees all ready; stop them after."""
     log_dir = Path(tempfile.mkdtemp(prefix="natskit-demo-"))
-    summary = Summary()
-    driver = App(
+    monitor = App(
         "monitor", version="1.0.0", description="drives orders, watches instances"
     )
-    await driver.start(servers)
-    registry = Registry(driver)
+    await monitor.start(servers)
+    registry = Registry(monitor)
     system = System(servers[0], options, log_dir=log_dir)
     try:
-        await seed_stock(driver.nc)
+        await seed_stock(monitor.nc)
         await registry.start()
         print(f"natskit demo: starting services (logs in {log_dir})", file=sys.stderr)
         system.start()
         await wait_ready(registry, system.expected(), timeout=60)
-        started, since = time.monotonic(), time.time()
-        await drive(system, options, summary, progress=options.progress)
-        await collect(driver, registry, summary, since=since, timeout=60)
-        summary.seconds = time.monotonic() - started
-        await wait_ready(registry, system.expected(), timeout=30)
-        summary.live = {
-            s: sum(1 for i in inst if i.up) for s, inst in registry.services().items()
-        }
-        print(summary.render(), flush=True)
-        if options.keep_running:
-            await _keep_running(system, servers[0])
+        yield Running(system, monitor, registry)
     finally:
         system.stop()
         await registry.stop()
-        await driver.stop()
+        await monitor.stop()
+
+
+async def run_demo(servers: list[str], options: DemoOptions | None = None) -> Summary:
+    """Run the whole order flow once against ``servers`` and return its summary."""
+    options = options or DemoOptions()
+    summary = Summary()
+    async with running_system(servers, options) as run:
+        started, since = time.monotonic(), time.time()
+        await drive(run.system, options, summary, progress=options.progress)
+        await collect(run.monitor, run.registry, summary, since=since, timeout=60)
+        summary.seconds = time.monotonic() - started
+        await wait_ready(run.registry, run.system.expected(), timeout=30)
+        summary.live = {
+            s: sum(1 for i in inst if i.up)
+            for s, inst in run.registry.services().items()
+        }
+        print(summary.render(), flush=True)
+        if options.keep_running:
+            await _keep_running(run.system, servers[0])
     return summary
 
 
