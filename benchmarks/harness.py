@@ -8,7 +8,12 @@ A scenario process has one of two roles, chosen by the runner with ``--role``:
   :data:`PROGRESS_INTERVAL` seconds while its figures change; then, once the runner
   closes its stdin, a last JSON line with ``"final": true``, and it exits.
 * a *driver* (publisher, requester) starts once every receiver is ready, does its work
-  and prints one JSON line about it.
+  and prints one JSON line about it. A scenario whose rate the driver measures
+  (``RATE_FROM = "driver"``) reports ``count`` (messages done), ``failed``,
+  ``seconds`` and ``rate`` in that line.
+
+A scenario may also have a *setup* process (``--role setup``), run to completion
+before each run's receivers start; it prints one JSON line too.
 
 Timestamps are ``time.time()``, so the runner can combine the first and last messages
 of several processes.
@@ -30,6 +35,9 @@ import nats
 import nats.errors
 
 from benchmarks.payload import sample_event
+from natskit import StreamSpec
+from natskit.errors import StreamNotFound
+from natskit.streams import JetStreamApi
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -38,6 +46,7 @@ __all__ = [
     "connect_plain",
     "pending_limits",
     "publish_events",
+    "recreate_stream",
     "run_process",
 ]
 
@@ -46,6 +55,7 @@ PROGRESS_INTERVAL = 0.2
 
 Receiver = Callable[["Args", "Tally"], Awaitable[None]]
 Driver = Callable[["Args"], Awaitable[dict[str, Any]]]
+ROLES = ("receiver", "driver", "setup")
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,7 @@ class Args:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = argparse.ArgumentParser(description="one process of a benchmark scenario")
-    parser.add_argument("--role", choices=("receiver", "driver"), default="receiver")
+    parser.add_argument("--role", choices=ROLES, default="receiver")
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--count", type=int, required=True)
@@ -70,15 +80,22 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def run_process(
-    *, receivers: Mapping[str, Receiver], driver: Driver, argv: list[str] | None = None
+    *,
+    receivers: Mapping[str, Receiver],
+    driver: Driver,
+    setup: Driver | None = None,
+    argv: list[str] | None = None,
 ) -> None:
     """The ``main()`` of a scenario module: run the role and implementation asked for."""
     args = parse_args(argv)
-    if args.role == "driver":
-        report = asyncio.run(driver(args))
-        print(json.dumps(report), flush=True)
-    else:
+    if args.role == "receiver":
         asyncio.run(receivers[args.impl](args, Tally()))
+        return
+    step = driver if args.role == "driver" else setup
+    if step is None:
+        raise SystemExit(f"this scenario has no {args.role} role")
+    report = asyncio.run(step(args))
+    print(json.dumps(report), flush=True)
 
 
 def pending_limits(count: int) -> dict[str, int]:
@@ -159,3 +176,19 @@ async def publish_events(args: Args, subject: str) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     await nc.close()
     return {"published": args.count, "seconds": elapsed, "rate": args.count / elapsed}
+
+
+async def recreate_stream(nc: Any, spec: StreamSpec) -> None:
+    """Delete the stream ``spec`` names, with its consumers, and create it empty.
+
+    The configuration is natskit's own for ``spec``, so an app declaring the same spec
+    finds nothing to change, and a plain nats-py client finds the stream it expects.
+    """
+    api = JetStreamApi(nc)
+    try:
+        await api.stream_info(spec.name)
+    except StreamNotFound:
+        pass
+    else:
+        await api.delete_stream(spec.name)
+    await api.create_stream(spec.config())

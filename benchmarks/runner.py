@@ -1,11 +1,14 @@
 """One run of one scenario variant for one implementation, each side in its own processes.
 
-A run starts the variant's receiver processes and waits until each prints ``ready``,
-then runs the driver process to completion, then counts down: it reads the receivers'
+A run first runs the scenario's setup process, if it has one, to completion. It then
+starts the variant's receiver processes and waits until each prints ``ready``, then
+runs the driver process to completion, then counts down: it reads the receivers'
 progress lines until together they have received (or dropped) every message, or until
 nothing has changed for :data:`STALL_TIMEOUT` seconds. It then closes the receivers'
 stdin, collects their final reports and combines them: the rate is the messages
 received across all receivers, from the first message any of them got to the last.
+For a scenario with ``RATE_FROM = "driver"`` the count down is skipped and the rate,
+count and failures are the driver's own.
 
 A run that dropped or lost messages, stalled or had a process fail carries a list of
 ``problems``; the caller flags it and leaves it out of the medians.
@@ -53,6 +56,7 @@ class RunResult:
     problems: list[str] = field(default_factory=list)
     receivers: list[dict[str, Any]] = field(default_factory=list)
     driver: dict[str, Any] | None = None
+    setup: dict[str, Any] | None = None
 
     @property
     def clean(self) -> bool:
@@ -120,6 +124,13 @@ def run_once(
     result = RunResult(module.NAME, variant.label, impl, round_no, expected=count)
     base = [sys.executable, "-m", module.__name__, "--impl", impl, "--url", url]
     base += ["--count", str(count), *variant.args]
+    by_driver = getattr(module, "RATE_FROM", "receivers") == "driver"
+    if hasattr(module, "setup"):
+        try:
+            result.setup = _run_step([*base, "--role", "setup"], "setup")
+        except _RunFailed as exc:
+            result.problems.append(str(exc))
+            return result
     lines: queue.Queue[_Line] = queue.Queue()
     receivers = [
         _Receiver(i, [*base, "--role", "receiver"], lines)
@@ -127,8 +138,9 @@ def run_once(
     ]
     try:
         _wait_ready(receivers, lines)
-        result.driver = _drive([*base, "--role", "driver"])
-        _count_down(receivers, lines, count, result)
+        result.driver = _run_step([*base, "--role", "driver"], "driver")
+        if not by_driver:
+            _count_down(receivers, lines, count, result)
         _finish(receivers, lines, result)
     except _RunFailed as exc:
         result.problems.append(str(exc))
@@ -137,7 +149,10 @@ def run_once(
             receiver.stop()
             if receiver.reap() is None:
                 result.problems.append(f"receiver {receiver.index} killed")
-    _combine(receivers, result)
+    if by_driver:
+        _take_driver_figures(result)
+    else:
+        _combine(receivers, result)
     for receiver in receivers:
         receiver.stderr.close()
     return result
@@ -158,17 +173,18 @@ def _wait_ready(receivers: list[_Receiver], lines: queue.Queue[_Line]) -> None:
             waiting.discard(index)
 
 
-def _drive(argv: list[str]) -> dict[str, Any]:
+def _run_step(argv: list[str], role: str) -> dict[str, Any]:
+    """Run a driver or setup process to completion; its last line is its report."""
     try:
         done = subprocess.run(
             argv, check=False, capture_output=True, text=True, timeout=DRIVER_TIMEOUT
         )
     except subprocess.TimeoutExpired:
         raise _RunFailed(
-            f"driver did not finish within {DRIVER_TIMEOUT:.0f}s"
+            f"{role} did not finish within {DRIVER_TIMEOUT:.0f}s"
         ) from None
     if done.returncode != 0:
-        raise _RunFailed(f"driver exited {done.returncode}: {done.stderr[-800:]}")
+        raise _RunFailed(f"{role} exited {done.returncode}: {done.stderr[-800:]}")
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
 
@@ -246,3 +262,20 @@ def _combine(receivers: list[_Receiver], result: RunResult) -> None:
         if last > first:
             result.seconds = last - first
             result.rate = (result.received - 1) / result.seconds
+
+
+def _take_driver_figures(result: RunResult) -> None:
+    """For ``RATE_FROM = "driver"``: the count, failures and rate the driver measured."""
+    report = result.driver
+    if report is None:
+        return
+    result.received = int(report.get("count", 0))
+    failed = int(report.get("failed", 0))
+    result.lost = result.expected - result.received - failed
+    if failed:
+        result.problems.append(f"{failed} failed")
+    if result.lost:
+        result.problems.append(f"{result.lost} lost")
+    if result.received and report.get("seconds"):
+        result.seconds = float(report["seconds"])
+        result.rate = float(report["rate"])

@@ -290,3 +290,37 @@ def test_one_trace_follows_a_request_into_an_event_and_a_stream_consumer(
     assert stored_out["parent"] == served["span"]
     assert stored_in["parent"] == stored_out["span"]
     assert stored_in["attributes"]["messaging.nats.delivery_count"] == 1
+
+
+def test_natskit_run_serves_metrics_on_the_given_port(
+    nats_server: EmbeddedServer,
+) -> None:
+    from natskit.testing import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "natskit", "run", "tests.apps.workers:app"),
+            *("--server", nats_server.url, "--metrics-port", str(port)),
+        ],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "started" in line and "test-worker" in line:
+                break
+        samples = scrape(port)
+        key = {"app": "test-worker", "source": "core", "pattern": "jobs.run"}
+        assert (
+            value(samples, "natskit_messages_handled_total", **key, outcome="ok") == 0
+        )
+        assert value(samples, "natskit_reconnects_total", app="test-worker") == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
