@@ -4,11 +4,14 @@ Theory of operation
 -------------------
 One :class:`Publisher` per connection owns one wildcard inbox subscription. Each
 publish is sent with a reply subject ``<inbox>.<token>``; the server's acknowledgement
-comes back there and resolves the future stored under ``token``. A timer per publish
-fails the future after the attempt's timeout. No task is created per message, so many
-publishes can be in flight at once for the cost of a dict entry and a timer.
+comes back there and resolves the future stored under ``token``. Deadlines go on a heap
+that one sweeper task drains, failing the futures whose attempt timed out (an ack that
+arrived first has already removed its token, so the sweeper skips it). No task and no
+timer handle is created per message, so many publishes can be in flight at once for the
+cost of a dict entry and a heap entry.
 
-Every publish carries a ``Nats-Msg-Id`` (given, or a fresh NUID), so resending it after
+Every publish carries a ``Nats-Msg-Id`` (given, or a fresh one: a random per-process
+prefix and a counter), so resending it after
 a timeout, a 503 "no responders" (JetStream not ready, e.g. right after a restart) or a
 full reconnect buffer is stored once within the stream's duplicate window; the ack then
 says ``duplicate``. Resends are bounded by :class:`PublishRetry` and spaced by its
@@ -23,13 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
+import heapq
+import itertools
 import logging
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import nats.errors
 from nats.nuid import NUID
 
@@ -54,12 +59,24 @@ log = logging.getLogger("natskit.streams")
 
 MSG_ID = "Nats-Msg-Id"
 _STATUS = "Status"
-_ids = NUID()
+_SWEEP_EVERY = 0.05
+_ID_PREFIX = NUID().next().decode() + "-"
+_id_counter = itertools.count(1)
 
 
 def new_msg_id() -> str:
-    """A fresh, unique message id (a NUID)."""
-    return _ids.next().decode()
+    """A fresh message id, unique across processes: a random prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_id_counter)}"
+
+
+class _Ack(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_decode_ack = msgspec.json.Decoder(_Ack).decode
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +121,9 @@ class Publisher:
         self._nuid = NUID()
         self._prefix = ""
         self._next = 0
-        self._waiting: dict[str, tuple[asyncio.Future[Msg], asyncio.TimerHandle]] = {}
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._deadlines: list[tuple[float, str]] = []  # a heap
+        self._sweeper: asyncio.Task[None] | None = None
         self._sub: Any = None
 
     async def start(self) -> None:
@@ -117,19 +136,24 @@ class Publisher:
         return self._nuid.next().decode()
 
     async def _on_ack(self, msg: Msg) -> None:
-        token = msg.subject[len(self._prefix) :]
-        entry = self._waiting.pop(token, None)
-        if entry is None:
-            return  # the attempt already timed out; a resend is (or was) in flight
-        future, timer = entry
-        timer.cancel()
-        if not future.done():
+        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if future is not None and not future.done():
             future.set_result(msg)
+        # else: the attempt already timed out; a resend is (or was) in flight
 
-    def _expire(self, token: str) -> None:
-        entry = self._waiting.pop(token, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(_Retryable("no ack within the timeout"))
+    async def _sweep(self) -> None:
+        """Fail the attempts whose deadline passed without an ack; ends when no
+        deadline is left (the next send starts it again)."""
+        loop = asyncio.get_running_loop()
+        heap = self._deadlines
+        while heap:
+            now = loop.time()
+            while heap and heap[0][0] <= now:
+                _, token = heapq.heappop(heap)
+                future = self._waiting.pop(token, None)
+                if future is not None and not future.done():
+                    future.set_exception(_Retryable("no ack within the timeout"))
+            await asyncio.sleep(_SWEEP_EVERY)
 
     async def send(
         self,
@@ -143,8 +167,10 @@ class Publisher:
         self._next += 1
         token = str(self._next)
         future: asyncio.Future[Msg] = loop.create_future()
-        timer = loop.call_later(timeout, self._expire, token)
-        self._waiting[token] = (future, timer)
+        self._waiting[token] = future
+        heapq.heappush(self._deadlines, (loop.time() + timeout, token))
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep())
         try:
             await self.nc.publish(
                 subject, data, reply=self._prefix + token, headers=headers
@@ -161,9 +187,7 @@ class Publisher:
         return future
 
     def _forget(self, token: str) -> None:
-        entry = self._waiting.pop(token, None)
-        if entry is not None:
-            entry[1].cancel()
+        self._waiting.pop(token, None)  # its heap entry is skipped when it comes due
 
     async def publish(
         self,
@@ -318,12 +342,12 @@ def read_ack(
     if status:
         raise _Retryable(f"server status {status}")
     try:
-        answer = json.loads(reply.data)
-    except ValueError:
+        answer = _decode_ack(reply.data)
+    except msgspec.DecodeError:
         raise PublishFailed(
             subject, "unreadable ack", msg_id=headers.get(MSG_ID), attempts=attempt
         ) from None
-    error = answer.get("error")
+    error = answer.error
     if error:
         description = str(error.get("description", error))
         if int(error.get("code", 0)) == 503:
@@ -331,11 +355,14 @@ def read_ack(
         raise PublishFailed(
             subject, description, msg_id=headers.get(MSG_ID), attempts=attempt
         )
-    return PubAck(
-        stream=str(answer["stream"]),
-        seq=int(answer["seq"]),
-        duplicate=bool(answer.get("duplicate", False)),
-    )
+    if not answer.stream:
+        raise PublishFailed(
+            subject,
+            "ack without a stream",
+            msg_id=headers.get(MSG_ID),
+            attempts=attempt,
+        )
+    return PubAck(stream=answer.stream, seq=answer.seq, duplicate=answer.duplicate)
 
 
 _publishers: weakref.WeakKeyDictionary[Client, Publisher] = weakref.WeakKeyDictionary()
