@@ -2,6 +2,22 @@
 
 from natskit.server.binary import find_server_binary
 from natskit.server.cluster import LocalCluster
-from natskit.server.process import EmbeddedServer, ServerOptions
+from natskit.server.process import (
+    Account,
+    EmbeddedServer,
+    Permissions,
+    ServerOptions,
+    ServerTLS,
+    User,
+)
 
-__all__ = ["EmbeddedServer", "LocalCluster", "ServerOptions", "find_server_binary"]
+__all__ = [
+    "Account",
+    "EmbeddedServer",
+    "LocalCluster",
+    "Permissions",
+    "ServerOptions",
+    "ServerTLS",
+    "User",
+    "find_server_binary",
+]

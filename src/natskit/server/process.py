@@ -24,8 +24,10 @@ three states: *stopped* (no process), *running* and *paused* (``SIGSTOP``-ed).
 - ``restart()`` stops a running process (keeping the files) and starts again with the
   same ports, work directory and store.
 
-Credentials (token, user, password) are written into the config file only: they never
-appear in a log line, a repr or an error message.
+Credentials (token, user, password, the users of ``users`` and ``accounts``) are written
+into the config file only: they never appear in a log line, a repr or an error message.
+TLS (:class:`ServerTLS`) and authentication are for testing secured setups locally; the
+server still listens on loopback unless ``host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ from typing import IO, Self
 from natskit.errors import ServerStartError
 from natskit.server.binary import find_server_binary
 
-__all__ = ["EmbeddedServer", "ServerOptions"]
+__all__ = [
+    "Account",
+    "EmbeddedServer",
+    "Permissions",
+    "ServerOptions",
+    "ServerTLS",
+    "User",
+]
 
 logger = logging.getLogger("natskit.server")
 
@@ -61,6 +70,68 @@ _LOG_NAME = "nats-server.log"
 # An opener that ignores *_proxy environment variables: probes go to loopback only.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _LOG_PREFIX = re.compile(r"^\[\d+\] \S+ \S+ ")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerTLS:
+    """TLS on the client port: the server's certificate and key, and, with
+    ``verify_clients``, the CA that client certificates must chain to (mutual TLS)."""
+
+    cert_file: Path | str
+    key_file: Path | str
+    ca_file: Path | str | None = None
+    verify_clients: bool = False
+    handshake_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.verify_clients and self.ca_file is None:
+            raise ValueError("ServerTLS.verify_clients needs ca_file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Permissions:
+    """Subjects a user may publish and subscribe to (``None``: no rule of that kind).
+
+    Wildcards are allowed; ``deny`` wins over ``allow``. ``allow_responses`` lets the
+    user reply to requests it received even where ``publish`` would forbid it.
+    """
+
+    publish_allow: tuple[str, ...] | None = None
+    publish_deny: tuple[str, ...] | None = None
+    subscribe_allow: tuple[str, ...] | None = None
+    subscribe_deny: tuple[str, ...] | None = None
+    allow_responses: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class User:
+    """One user of the server: a name and password, or an NKey public key.
+
+    ``nkey`` is the user's *public* key (``U...``); the seed stays with the client.
+    """
+
+    name: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    nkey: str | None = None
+    permissions: Permissions | None = None
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.nkey is None):
+            raise ValueError("User takes a name (with a password) or an nkey")
+        if self.name is not None and self.password is None:
+            raise ValueError("User with a name needs a password")
+        if self.nkey is not None and not self.nkey.startswith("U"):
+            raise ValueError("User.nkey must be a user public key (starting with U)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Account:
+    """An isolated subject space with its own users; nothing crosses accounts unless
+    exported and imported, which natskit does not configure."""
+
+    name: str
+    users: tuple[User, ...] = ()
+    jetstream: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +145,10 @@ class ServerOptions:
     before acknowledging it; turning it off leaves the server's default (periodic
     fsync), which acknowledges data that a power loss can still lose.
     ``extra_config`` is appended verbatim to the generated config file.
+
+    Authentication is one of: ``token``; ``user`` and ``password``; ``users`` (several
+    users, each with optional permissions); ``accounts`` (several isolated accounts).
+    ``tls`` turns on TLS for client connections.
     """
 
     host: str = "127.0.0.1"
@@ -88,6 +163,9 @@ class ServerOptions:
     token: str | None = field(default=None, repr=False)
     user: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
+    users: tuple[User, ...] = ()
+    accounts: tuple[Account, ...] = ()
+    tls: ServerTLS | None = None
     extra_config: str = ""
     ready_timeout: float = 10.0
 
@@ -102,8 +180,14 @@ class ServerOptions:
             raise ValueError(f"max_payload must be > 0, got {self.max_payload}")
         if (self.user is None) != (self.password is None):
             raise ValueError("user and password must be given together")
-        if self.token is not None and self.user is not None:
-            raise ValueError("token and user/password cannot both be set")
+        schemes = [self.token, self.user, self.users or None, self.accounts or None]
+        if sum(s is not None for s in schemes) > 1:
+            raise ValueError(
+                "authentication takes one of token, user/password, users, accounts"
+            )
+        names = [a.name for a in self.accounts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"account names must be unique, got {names}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -403,6 +487,8 @@ def render_config(
     if options.jetstream:
         sync = "  sync_interval: always\n" if options.sync_always else ""
         lines.append(f"jetstream {{\n  store_dir: {q(str(store_dir))}\n{sync}}}")
+    if options.tls is not None:
+        lines.append(_render_tls(options.tls))
     if options.token is not None:
         lines.append(f"authorization {{\n  token: {q(options.token)}\n}}")
     elif options.user is not None:
@@ -410,6 +496,10 @@ def render_config(
             f"authorization {{\n  user: {q(options.user)}\n"
             f"  password: {q(options.password)}\n}}"
         )
+    elif options.users:
+        lines.append(f"authorization {{\n  users: {_render_users(options.users)}\n}}")
+    if options.accounts:
+        lines.append(_render_accounts(options.accounts))
     if cluster is not None:
         routes = ", ".join(q(f"nats-route://{r}") for r in cluster.routes)
         lines.append(
@@ -420,6 +510,66 @@ def render_config(
     if options.extra_config:
         lines.append(options.extra_config)
     return "\n".join(lines) + "\n"
+
+
+def _render_tls(tls: ServerTLS) -> str:
+    q = json.dumps
+    lines = [
+        f"  cert_file: {q(str(tls.cert_file))}",
+        f"  key_file: {q(str(tls.key_file))}",
+        f"  timeout: {tls.handshake_timeout:g}",
+    ]
+    if tls.ca_file is not None:
+        lines.append(f"  ca_file: {q(str(tls.ca_file))}")
+    if tls.verify_clients:
+        lines.append("  verify: true")
+    return "tls {\n" + "\n".join(lines) + "\n}"
+
+
+def _render_users(users: tuple[User, ...]) -> str:
+    q = json.dumps
+    rendered = []
+    for user in users:
+        fields = (
+            [f"user: {q(user.name)}", f"password: {q(user.password)}"]
+            if user.name is not None
+            else [f"nkey: {q(user.nkey)}"]
+        )
+        if user.permissions is not None:
+            fields.append(f"permissions: {_render_permissions(user.permissions)}")
+        rendered.append("{" + ", ".join(fields) + "}")
+    return "[\n    " + ",\n    ".join(rendered) + "\n  ]"
+
+
+def _render_permissions(perms: Permissions) -> str:
+    q = json.dumps
+    parts = []
+    for kind, allow, deny in (
+        ("publish", perms.publish_allow, perms.publish_deny),
+        ("subscribe", perms.subscribe_allow, perms.subscribe_deny),
+    ):
+        rules = []
+        if allow is not None:
+            rules.append(f"allow: [{', '.join(q(s) for s in allow)}]")
+        if deny is not None:
+            rules.append(f"deny: [{', '.join(q(s) for s in deny)}]")
+        if rules:
+            parts.append(f"{kind}: {{{', '.join(rules)}}}")
+    if perms.allow_responses:
+        parts.append("allow_responses: true")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _render_accounts(accounts: tuple[Account, ...]) -> str:
+    q = json.dumps
+    blocks = []
+    for account in accounts:
+        js = "    jetstream: enabled\n" if account.jetstream else ""
+        blocks.append(
+            f"  {q(account.name)}: {{\n{js}"
+            f"    users: {_render_users(account.users)}\n  }}"
+        )
+    return "accounts {\n" + "\n".join(blocks) + "\n}"
 
 
 def reason_from_log(log_path: Path, *, offset: int = 0, max_lines: int = 3) -> str:

@@ -234,7 +234,8 @@ class Publisher:
         batch = _Batch(self, max_in_flight, retry)
         try:
             for subject, data, headers in messages:
-                await batch.slots.acquire()
+                if batch.pending >= max_in_flight:
+                    await batch.wait_for_room()
                 index = batch.open()
                 future = await self.send(subject, data, headers, retry.timeout)
                 future.add_done_callback(
@@ -252,7 +253,8 @@ class _Batch:
     def __init__(self, publisher: Publisher, max_in_flight: int, retry: PublishRetry):
         self.publisher = publisher
         self.retry = retry
-        self.slots = asyncio.Semaphore(max_in_flight)
+        self.max_in_flight = max_in_flight
+        self.room = asyncio.Event()
         self.results: list[PubAck | PublishFailed | None] = []
         self.resends: set[asyncio.Task[None]] = set()
         self.pending = 0
@@ -269,10 +271,16 @@ class _Batch:
         if self.pending == 0:
             self.all_done.set()
 
+    async def wait_for_room(self) -> None:
+        """Backpressure: wait until fewer than ``max_in_flight`` are unacknowledged."""
+        while self.pending >= self.max_in_flight:
+            self.room.clear()
+            await self.room.wait()
+
     def finish(self, index: int, outcome: PubAck | PublishFailed) -> None:
         self.results[index] = outcome
         self.pending -= 1
-        self.slots.release()
+        self.room.set()
         if self.pending == 0 and not self.sending:
             self.all_done.set()
 
