@@ -121,7 +121,26 @@ async def test_metrics_endpoint_shows_exact_counts_after_a_known_workload(
             with pytest.raises(ServiceError):
                 await app.request("svc.check", Item(n=-1))
             await app.js_publish_many([("work.a", Item(n=n)) for n in range(5)])
-            await wait_until(lambda: len(handled) == 9 and len(consumed) == 4)
+            events_stats = next(
+                src.pipeline.stats  # type: ignore[attr-defined]
+                for src in app.sources
+                if getattr(src, "label", "").startswith("subscribe events.*")
+            )
+            # The bad payload came over another connection: wait for it too.
+            consumer_counts = next(
+                src.counts  # type: ignore[attr-defined]
+                for src in app.sources
+                if hasattr(src, "counts")
+            )
+            # The bad payload came over another connection, and the dead letter is
+            # written after the handler returns: wait for both.
+            await wait_until(
+                lambda: (
+                    events_stats.received == 13
+                    and consumer_counts["ack"] == 4
+                    and consumer_counts["dead_letter"] == 1
+                )
+            )
             samples = await asyncio.to_thread(scrape, port)
     finally:
         server.shutdown()
@@ -324,3 +343,42 @@ def test_natskit_run_serves_metrics_on_the_given_port(
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+async def test_tracing_samples_new_traces_and_follows_the_parents_flag() -> None:
+    from nats.aio.msg import Msg
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
+
+    from natskit import Message
+    from natskit.observability import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider.get_tracer("test"), "sampled", sample_ratio=0.0)
+
+    async def handled(msg: Message[Any]) -> str:
+        return "ok"
+
+    def message(headers: dict[str, str] | None) -> Message[Any]:
+        raw = Msg(None, subject="orders.1", reply="", data=b"{}", headers=headers)  # type: ignore[arg-type]
+        return Message(raw, "core", None, "orders.*")
+
+    trace_id, span_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    assert await tracing.middleware(message(None), handled) == "ok"
+    assert exporter.get_finished_spans() == ()  # ratio 0: no new traces
+    unsampled = {"traceparent": f"00-{trace_id}-{span_id}-00"}
+    assert await tracing.middleware(message(unsampled), handled) == "ok"
+    assert exporter.get_finished_spans() == ()
+    sampled = {"traceparent": f"00-{trace_id}-{span_id}-01"}
+    assert await tracing.middleware(message(sampled), handled) == "ok"
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "process orders.*"
+    assert f"{span.context.trace_id:032x}" == trace_id
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == span_id
+    with pytest.raises(ValueError, match="sample ratio"):
+        Tracing(provider.get_tracer("test"), "x", sample_ratio=2.0)

@@ -21,6 +21,7 @@ from benchmarks.harness import (
     publish_events,
     run_process,
 )
+from benchmarks.observe import observe_if_asked
 from benchmarks.payload import Event
 from benchmarks.scenarios import Variant
 
@@ -28,13 +29,17 @@ NAME = "pubsub"
 DESCRIPTION = "one subscriber decoding 128-byte JSON events into a msgspec Struct"
 COUNT = 200_000
 QUICK_COUNT = 20_000
-VARIANTS = (Variant("1 subscriber"),)
+VARIANTS = (
+    Variant("1 subscriber"),
+    Variant("traced+metrics", 1, ("--observe",)),
+)
 
 SUBJECT = "bench.pubsub"
 
 
 async def receive_natskit(args: Args, tally: Tally) -> None:
     app = natskit.App("bench")
+    observe_if_asked(app, args.extra)
 
     @app.subscribe(SUBJECT, **pending_limits(args.count))
     async def handle(event: Event) -> None:

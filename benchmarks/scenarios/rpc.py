@@ -19,6 +19,7 @@ import msgspec
 
 import natskit
 from benchmarks.harness import Args, Tally, connect_plain, run_process
+from benchmarks.observe import observe_if_asked
 from benchmarks.payload import Event, sample_event
 from benchmarks.scenarios import Variant
 
@@ -29,6 +30,7 @@ QUICK_COUNT = 2_000
 VARIANTS = (
     Variant("64 in flight", 1, ("--mode", "concurrent")),
     Variant("sequential", 1, ("--mode", "sequential")),
+    Variant("64 in flight, traced+metrics", 1, ("--mode", "concurrent", "--observe")),
 )
 SUBJECT = "bench.rpc"
 IN_FLIGHT = 64
@@ -38,6 +40,7 @@ _encode = msgspec.json.Encoder().encode
 
 async def serve_natskit(args: Args, tally: Tally) -> None:
     app = natskit.App("bench-service")
+    observe_if_asked(app, args.extra)
 
     @app.endpoint(SUBJECT)
     async def echo(event: Event) -> Event:
@@ -76,6 +79,7 @@ async def call(args: Args) -> dict[str, Any]:
     event = sample_event()
     if args.impl == "natskit":
         app = natskit.App("bench-caller")
+        observe_if_asked(app, args.extra)
         await app.start(args.url)
 
         async def once() -> None:

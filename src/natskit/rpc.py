@@ -426,7 +426,7 @@ class Caller:
         self.stats.calls += 1
         started = time.perf_counter_ns() if self.metrics_enabled else 0
         try:
-            if self.tracing is None:
+            if self.tracing is None or not self.tracing.sampled_send():
                 reply = await self._attempts(
                     subject, data, base_headers, policy, breaker
                 )
