@@ -267,3 +267,33 @@ async def test_middleware_wraps_every_message_in_order(nats_url: str) -> None:
         await app.publish("mw.test", "x")
         await wait_until(lambda: "outer-out" in trail)
     assert trail == ["outer-in", "inner:mw.test", "handler:x", "outer-out"]
+
+
+async def test_slow_consumer_drops_are_counted_and_reported(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = App("sluggish")
+    release = asyncio.Event()
+    handled = 0
+
+    @app.subscribe("slow.events", pending_msgs_limit=10)
+    async def crawl(event: UserEvent) -> None:
+        nonlocal handled
+        await release.wait()
+        handled += 1
+
+    publisher = await nats.connect(nats_url)
+    async with app:
+        for i in range(100):
+            await publisher.publish(
+                "slow.events", msgspec.json.encode(UserEvent(i, "k"))
+            )
+        await publisher.flush()
+        await wait_until(lambda: sum(app.events.slow_consumer_drops.values()) >= 80)
+        release.set()
+        await wait_until(lambda: handled >= 10)
+    await publisher.close()
+    dropped = app.events.slow_consumer_drops["slow.events"]
+    assert handled + dropped == 100, "every message is either handled or counted"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("slow consumer on slow.events" in w and "dropped" in w for w in warnings)
