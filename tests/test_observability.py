@@ -369,12 +369,11 @@ async def test_tracing_samples_new_traces_and_follows_the_parents_flag() -> None
         return Message(raw, "core", None, "orders.*")
 
     trace_id, span_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-    assert await tracing.middleware(message(None), handled) == "ok"
-    assert exporter.get_finished_spans() == ()  # ratio 0: no new traces
-    unsampled = {"traceparent": f"00-{trace_id}-{span_id}-00"}
-    assert await tracing.middleware(message(unsampled), handled) == "ok"
-    assert exporter.get_finished_spans() == ()
-    sampled = {"traceparent": f"00-{trace_id}-{span_id}-01"}
+    assert not tracing.wants(None)  # ratio 0: no new traces
+    assert not tracing.wants({"traceparent": f"00-{trace_id}-{span_id}-00"})
+    sampled = {"traceparent": f"00-{trace_id}-{span_id}-03"}  # sampled + random bits
+    assert tracing.wants(sampled)
+    assert Tracing(provider.get_tracer("test"), "all", sample_ratio=1.0).wants(None)
     assert await tracing.middleware(message(sampled), handled) == "ok"
     (span,) = exporter.get_finished_spans()
     assert span.name == "process orders.*"

@@ -250,9 +250,15 @@ class Pipeline:
         self.pattern = pattern
         self.stats = HandlerStats()
         self.settle: Settlement | None = None
-        self._direct = not middleware
+        # A first middleware with a ``sampling_gate`` (tracing) runs only for the
+        # messages its gate picks; the others take the path without it.
+        gate = getattr(middleware[0], "sampling_gate", None) if middleware else None
+        self._gate: Callable[[Any], bool] | None = gate
+        self._traced: Next | None = self._wrap(middleware) if gate else None
+        rest = middleware[1:] if gate else middleware
+        self._direct = not rest
         self._plain = self._direct and handler.message_param is None
-        self._call: Next = self._wrap(middleware)
+        self._call: Next = self._wrap(rest)
 
     def _wrap(self, middleware: Sequence[Middleware]) -> Next:
         call: Next = self._invoke
@@ -312,6 +318,10 @@ class Pipeline:
         if raw.reply or self.settle is None or self.settle.settles_every_success:
             await self.process_raw(raw)
             return
+        if self._gate is not None and self._gate(raw.headers):
+            msg: Message[Any] = Message(raw, self.source, None, self.pattern)
+            await self.process(msg, self.settle, traced=True)
+            return
         stats = self.stats
         stats.in_flight += 1
         started = time.perf_counter_ns()
@@ -338,13 +348,23 @@ class Pipeline:
         if stats.histogram is not None:
             stats.histogram.observe_ns(elapsed)
 
-    async def process(self, msg: Message[Any], settle: Settlement) -> None:
-        """Run the handler on ``msg`` and settle it; never raises but cancellation."""
+    async def process(
+        self, msg: Message[Any], settle: Settlement, *, traced: bool | None = None
+    ) -> None:
+        """Run the handler on ``msg`` and settle it; never raises but cancellation.
+
+        ``traced`` is the sampling gate's decision if already taken for this message.
+        """
         stats = self.stats
         stats.in_flight += 1
         started = time.perf_counter_ns()
+        if traced is None:
+            traced = self._gate is not None and self._gate(msg.raw.headers)
         try:
-            if self._direct:
+            if traced:
+                assert self._traced is not None
+                result = await self._traced(msg)
+            elif self._direct:
                 result = await self._start_handler(msg, self._decode(msg))
             else:
                 result = await self._call(msg)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +69,7 @@ class Tracing:
         self._tracer = tracer
         self._trace = trace
         self._propagate = propagate
-        self.middleware: Middleware = self._handle
+        self.middleware: Middleware = _GatedMiddleware(self._handle, self.wants)
 
     @classmethod
     def detect(cls, app_name: str, sample_ratio: float | None = None) -> Tracing | None:
@@ -159,14 +159,18 @@ class Tracing:
             self._trace.Status(self._trace.StatusCode.ERROR, type(exc).__name__)
         )
 
-    async def _handle(self, msg: Message[Any], call_next: Next) -> Any:
-        headers = msg.raw.headers
+    def wants(self, headers: Mapping[str, str] | None) -> bool:
+        """Whether a received message with ``headers`` is traced (see Sampling).
+
+        The pipeline asks this first and runs the tracing middleware only if so.
+        """
         traceparent = headers.get("traceparent") if headers else None
         if traceparent is None:
-            if not self._starts_trace():
-                return await call_next(msg)
-        elif not _sampled_flag(traceparent):
-            return await call_next(msg)  # the caller's trace is not sampled
+            return self._starts_trace()
+        return _sampled_flag(traceparent)
+
+    async def _handle(self, msg: Message[Any], call_next: Next) -> Any:
+        headers = msg.raw.headers
         parent = self._propagate.extract(dict(headers)) if headers else None
         kind = (
             self._trace.SpanKind.SERVER
@@ -199,6 +203,21 @@ class Tracing:
             except Exception as exc:
                 self.fail(span, exc)
                 raise
+
+
+class _GatedMiddleware:
+    """The tracing middleware, carrying the gate the pipeline consults before it."""
+
+    def __init__(
+        self,
+        handle: Middleware,
+        gate: Callable[[Mapping[str, str] | None], bool],
+    ) -> None:
+        self._handle = handle
+        self.sampling_gate = gate
+
+    def __call__(self, msg: Message[Any], call_next: Next) -> Awaitable[Any]:
+        return self._handle(msg, call_next)
 
 
 def _sampled_flag(traceparent: str) -> bool:
