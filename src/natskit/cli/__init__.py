@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
-        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+        default=None,
+        help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING for demo)",
     )
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="log line format"
