@@ -20,7 +20,7 @@ async def test_a_few_hundred_orders_reconcile_exactly(
     )
     summary = await run_demo([nats_server.url], options)
     assert summary.sent == 300
-    assert summary.statuses[201] == summary.accepted == 300
+    assert summary.statuses[201] == summary.accepted == len(summary.accepted_ids) == 300
     assert summary.reconciles, summary.render()
     assert len(summary.shipments) == len(summary.notifications) == 300
     assert summary.handled["notification"] == 300

@@ -112,7 +112,13 @@ class Summary:
 
     @property
     def reconciles(self) -> bool:
-        return not any(self.missing().values()) and not any(self.unexpected().values())
+        # Every 201 carried its own order id, and the stores hold exactly those orders.
+        distinct = self.statuses[201] == len(self.accepted_ids)
+        return (
+            distinct
+            and not any(self.missing().values())
+            and not any(self.unexpected().values())
+        )
 
     def percentile(self, q: float) -> float:
         if not self.latencies_ms:
@@ -151,7 +157,9 @@ class Summary:
         lines.append(
             "  every accepted order has one order record, one shipment and one notification"
             if self.reconciles
-            else f"  DOES NOT RECONCILE: missing {missing}, unexpected {unexpected}"
+            else f"  DOES NOT RECONCILE: {self.statuses[201]} accepted with "
+            f"{len(self.accepted_ids)} distinct ids, missing {missing}, "
+            f"unexpected {unexpected}"
         )
         return "\n".join(lines)
 

@@ -167,7 +167,7 @@ async def create_order(request: OrderRequest) -> Order:
         raise ServiceError(422, "customer is required")
     if not request.lines:
         raise ServiceError(422, "an order needs at least one line")
-    order_id = _nuid.next().decode()[-12:].lower()
+    order_id = _nuid.next().decode()  # unique across instances and restarts
     reserved = await orders.request(
         "inventory.reserve",
         Reserve(order_id=order_id, lines=request.lines),
