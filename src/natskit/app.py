@@ -48,6 +48,7 @@ from natskit.discovery.heartbeat import Heartbeats, ReadinessCheck, Status
 from natskit.errors import (
     ConnectionClosed,
     PayloadTooLarge,
+    PermissionDenied,
     PublishFailed,
     RequestError,
 )
@@ -322,6 +323,7 @@ class App:
                 await extra.start(self._nc)
                 self._sources.append(extra)
             await self._nc.flush()
+            await self._raise_subscribe_denial(self._nc)
             await self._set_status(Status.READY)
         except BaseException:
             await self._close()
@@ -335,6 +337,18 @@ class App:
         )
         for source in self._sources:
             log.info("  %s", source.label)
+
+    async def _raise_subscribe_denial(self, nc: Client) -> None:
+        await _round_trip(nc)
+        for operation, subject in sorted(self.events.unreported_denials):
+            if operation == "subscribe":
+                self.events.take_denial(operation, subject)
+                declared = {
+                    str(p).lower(): str(p)
+                    for p in (getattr(d, "pattern", None) for d in self._declarations)
+                    if p
+                }
+                raise PermissionDenied("subscribe", declared.get(subject, subject))
 
     def _resolve_options(self, servers: list[str] | str | None) -> ConnectOptions:
         options = self.connect_options
@@ -451,13 +465,23 @@ class App:
         headers: Mapping[str, str] | None = None,
         content_type: str | None = None,
         reply: str = "",
+        confirm: bool = False,
     ) -> None:
         """Encode ``value`` and publish it on ``subject`` (fire and forget, core NATS).
 
         ``value`` may be a msgspec Struct, dataclass, pydantic model, dict, list, str or
         bytes; the ``Content-Type`` header says how it was encoded (absent means JSON).
+
+        The server reports a publish its permissions forbid asynchronously. With
+        ``confirm`` this call waits for the server (a flush) and raises
+        :class:`~natskit.errors.PermissionDenied` if it refused the message; without,
+        the refusal is logged and raised by the next publish on the same subject.
         """
         nc = self.nc
+        if self.events.unreported_denials and self.events.take_denial(
+            "publish", subject
+        ):
+            raise PermissionDenied("publish", subject)
         if subject not in self._valid_subjects:
             validate_subject(subject)
             if len(self._valid_subjects) < _VALIDATED_CACHE_LIMIT:
@@ -469,12 +493,16 @@ class App:
             hdrs[CONTENT_TYPE] = ctype
         if len(data) > nc.max_payload:
             raise PayloadTooLarge(subject, len(data), nc.max_payload)
-        if self.tracing is not None:
+        if self.tracing is not None and self.tracing.sampled_send():
             hdrs = hdrs if hdrs is not None else {}
             with self.tracing.producer("publish", subject, hdrs):
                 await self._send(nc, subject, data, reply, hdrs)
-            return
-        await self._send(nc, subject, data, reply, hdrs)
+        else:
+            await self._send(nc, subject, data, reply, hdrs)
+        if confirm:
+            await _round_trip(nc)
+            if self.events.take_denial("publish", subject):
+                raise PermissionDenied("publish", subject)
 
     async def _send(
         self,
@@ -668,7 +696,7 @@ class App:
             subject, value, msg_id, headers, content_type
         )
         publisher = await publisher_for(self.nc)
-        if self.tracing is not None:
+        if self.tracing is not None and self.tracing.sampled_send():
             with self.tracing.producer("publish", subject, hdrs):
                 return await publisher.publish(
                     subject, data, hdrs, retry or PublishRetry()
@@ -764,3 +792,12 @@ class App:
             self._jetstream = JetStreamPlan()
             self.prepare(self._jetstream.reconcile)
         return self._jetstream
+
+
+async def _round_trip(nc: Client) -> None:
+    """Wait until the server has answered everything sent so far, permission
+    violations included: the server can answer a PING before it reports the violation
+    of a message sent ahead of it, so one flush is not enough; a second PING, sent
+    after the first PONG, comes back after that report (measured, nats-server 2.15)."""
+    await nc.flush()
+    await nc.flush()

@@ -12,9 +12,22 @@ Theory of operation
   which server to try next and how long to wait (``reconnect_to_server_handler``); the
   wait grows with that server's failed attempts, ``base * 2**n`` capped at ``cap``, and
   half of it is jittered so a fleet of clients does not reconnect in lock step.
+* Each attempt runs as a task that is abandoned at the deadline or as soon as nats-py
+  reports a refusal that retrying cannot heal (credentials refused, a TLS certificate
+  that does not verify): nats-py can otherwise hang after a failed TLS handshake. The
+  refusal is named in the error: "authorization violation", "TLS certificate verify
+  failed", "TLS hostname mismatch", "TLS required by the server", "TLS client
+  certificate required".
 * Lifecycle events (connected, disconnected, reconnected, closed, errors) are logged on
   ``natskit.connection``. Server URLs are always redacted before they reach a log line
-  or an error message: userinfo is replaced by ``***``.
+  or an error message: userinfo is replaced by ``***``. Tokens, passwords, NKey seeds
+  and JWTs are handed to nats-py only; they never appear in a log line, an error or a
+  repr.
+* Permission violations arrive asynchronously (the server answers ``-ERR`` and keeps
+  the connection). They are counted per operation and subject in
+  :class:`ConnectionEvents` and logged at WARNING; after a round trip to the server,
+  :meth:`ConnectionEvents.take_denial` tells a caller whether it refused an operation.
+  nats-py lower-cases the server's error text, so subjects are compared without case.
 """
 
 from __future__ import annotations
@@ -23,10 +36,11 @@ import asyncio
 import logging
 import os
 import random
+import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -42,6 +56,7 @@ __all__ = [
     "ConnectOptions",
     "TLSOptions",
     "connect",
+    "options_with_security",
     "redact_url",
     "servers_from_env",
 ]
@@ -174,6 +189,15 @@ class ConnectOptions:
                 "ConnectOptions takes one of token, user/password, nkey_seed_file, creds_file"
             )
 
+    def __repr__(self) -> str:
+        # Server URLs can carry user:password@ or a token: show them redacted.
+        shown = [
+            f"{f.name}={self.redacted_servers if f.name == 'servers' else getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.repr
+        ]
+        return f"ConnectOptions({', '.join(shown)})"
+
     def with_servers(self, servers: list[str] | tuple[str, ...]) -> ConnectOptions:
         """A copy pointing at other servers."""
         return replace(self, servers=tuple(servers))
@@ -181,6 +205,57 @@ class ConnectOptions:
     @property
     def redacted_servers(self) -> list[str]:
         return [redact_url(s) for s in self.servers]
+
+
+#: Environment variables read by :func:`options_with_security`.
+SECURITY_ENV = {
+    "token": "NATS_TOKEN",
+    "user": "NATS_USER",
+    "password": "NATS_PASSWORD",
+    "nkey_seed_file": "NATS_NKEY",
+    "creds_file": "NATS_CREDS",
+    "ca_file": "NATS_CA",
+    "cert_file": "NATS_CERT",
+    "key_file": "NATS_KEY",
+}
+_AUTH_FIELDS = ("token", "user", "password", "nkey_seed_file", "creds_file")
+_TLS_FIELDS = ("ca_file", "cert_file", "key_file")
+
+
+def options_with_security(
+    options: ConnectOptions,
+    *,
+    given: Mapping[str, str | None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ConnectOptions:
+    """``options`` with credentials and TLS files from ``given`` values (command-line
+    flags), else from the environment (:data:`SECURITY_ENV`), else as they were.
+
+    Keys of ``given`` are ``token``, ``user``, ``password``, ``nkey_seed_file``,
+    ``creds_file``, ``ca_file``, ``cert_file`` and ``key_file``. Credentials come as a
+    whole from the first source naming any (flags, then environment, then code), except
+    that a password may come from ``NATS_PASSWORD`` for a ``user`` given as a flag, so
+    it stays off the command line. TLS files are taken one by one in the same order;
+    naming any of them turns TLS on with server verification.
+    """
+    given = {k: v for k, v in (given or {}).items() if v}
+    env = os.environ if env is None else env
+    from_env = {k: env[name] for k, name in SECURITY_ENV.items() if env.get(name)}
+    changes: dict[str, Any] = {}
+    for source in (given, from_env):
+        auth = {k: source[k] for k in _AUTH_FIELDS if k in source}
+        if auth:
+            if "user" in auth and "password" not in auth and "password" in from_env:
+                auth["password"] = from_env["password"]
+            changes = dict.fromkeys(_AUTH_FIELDS) | auth
+            break
+    tls = options.tls or TLSOptions()
+    files: dict[str, Any] = {
+        k: given.get(k) or from_env.get(k) or getattr(tls, k) for k in _TLS_FIELDS
+    }
+    if any(files[k] != getattr(tls, k) for k in _TLS_FIELDS):
+        changes["tls"] = replace(tls, **files)
+    return replace(options, **changes) if changes else options
 
 
 EventCallback = Callable[[], Awaitable[None]]
@@ -196,10 +271,49 @@ class ConnectionEvents:
     slow_consumer_drops: dict[str, int] = field(default_factory=dict)
     connected: bool = False
     closing: bool = False
+    client: Any = field(default=None, repr=False)  # the client these events are about
     last_error: str | None = None
     on_reconnected: list[EventCallback] = field(default_factory=list)
     report_interval: float = 5.0
+    permission_denials: dict[tuple[str, str], int] = field(default_factory=dict)
+    unreported_denials: set[tuple[str, str]] = field(default_factory=set)
+    refused: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _reported: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
+
+    def record_denial(self, operation: str, subject: str) -> None:
+        """Count a permission violation reported by the server (``subject`` as it
+        arrived, lower-cased by nats-py)."""
+        key = (operation, subject.lower())
+        if key not in self.permission_denials and len(self.permission_denials) >= 1024:
+            key = (operation, "<other subjects>")  # bounded: subjects can be unique
+        self.permission_denials[key] = self.permission_denials.get(key, 0) + 1
+        if len(self.unreported_denials) < 1024:
+            self.unreported_denials.add(key)
+        # At most one line per operation and subject per report interval.
+        now = time.monotonic()
+        label = f"denied {key[0]} {key[1]}"
+        if now - self._reported.get(label, (-1e9, 0))[0] >= self.report_interval:
+            self._reported[label] = (now, 0)
+            log.warning(
+                "permission denied: %s on %r refused by the server (%d so far)",
+                key[0],
+                key[1],
+                self.permission_denials[key],
+            )
+
+    def denials(self, operation: str, subject: str) -> int:
+        """How often the server refused ``operation`` (``publish`` or ``subscribe``) on
+        ``subject`` on this connection so far."""
+        return self.permission_denials.get((operation, subject.lower()), 0)
+
+    def take_denial(self, operation: str, subject: str) -> bool:
+        """Whether a refusal of ``operation`` on ``subject`` awaits being raised to a
+        caller; it is then taken, so each refusal is raised once."""
+        key = (operation, subject.lower())
+        if key in self.unreported_denials:
+            self.unreported_denials.discard(key)
+            return True
+        return False
 
     def record_slow_consumer(self, subscription: str) -> None:
         """Count a message the client dropped; warn at most once per interval per subject.
@@ -244,13 +358,17 @@ async def connect(
     attempt = 0
     while True:
         attempt += 1
-        client = Client()
-        try:
-            await client.connect(**kwargs)
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            reason = events.last_error or _describe(exc)
+        events.last_error = None
+        # A fresh event per attempt: an App can be started again in another loop.
+        events.refused = asyncio.Event()
+        client = events.client = Client()
+        reason = await _attempt(client, kwargs, events, deadline)
+        if reason is not None:
+            # nats-py keeps the server's INFO only privately; it tells what TLS wants.
+            info = getattr(client, "_server_info", None) or {}
+            reason = _explain(reason, options, info)
             await _discard(client)
-            if _is_auth_failure(reason) or time.monotonic() >= deadline:
+            if _is_refusal(reason) or time.monotonic() >= deadline:
                 raise ConnectError(
                     options.redacted_servers, reason, attempts=attempt
                 ) from None
@@ -283,13 +401,97 @@ async def connect(
         return client
 
 
+async def _attempt(
+    client: Client, kwargs: dict[str, Any], events: ConnectionEvents, deadline: float
+) -> str | None:
+    """One pass of nats-py over the servers: ``None`` once connected, else the reason."""
+    task = asyncio.ensure_future(client.connect(**kwargs))
+    refused = asyncio.ensure_future(events.refused.wait())
+    # At least one connect timeout per attempt, so a short first_connect_timeout does
+    # not cut a handshake that is still in progress.
+    budget = max(deadline - time.monotonic(), float(kwargs["connect_timeout"]) + 0.5)
+    try:
+        await asyncio.wait(
+            {task, refused}, timeout=budget, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        refused.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+    if task.done() and not task.cancelled() and task.exception() is None:
+        return None
+    exc = task.exception() if task.done() and not task.cancelled() else None
+    return events.last_error or (_describe(exc) if exc is not None else "timed out")
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, ssl.SSLError):
+        return _describe_tls(exc, text)
     if isinstance(exc, ConnectionRefusedError) or "Connect call failed" in text:
         return "connection refused"
     if isinstance(exc, asyncio.TimeoutError | nats.errors.TimeoutError):
         return "timed out"
+    if isinstance(exc, nats.errors.AuthorizationError) or (
+        "authorization violation" in text.lower()
+    ):
+        return "authorization violation: the server refused the credentials"
     return _scrub(text)
+
+
+def _describe_tls(exc: ssl.SSLError, text: str) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or text
+        if exc.verify_code == _X509_HOSTNAME_MISMATCH or "mismatch" in detail:
+            return f"TLS hostname mismatch: {detail}"
+        return f"TLS certificate verify failed: {detail}"
+    if _CERT_REQUIRED.search(text):
+        return (
+            "TLS client certificate required: the server verifies clients and refused "
+            "the connection without a valid client certificate"
+        )
+    return f"TLS error: {_scrub(text)}"
+
+
+# X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH in OpenSSL.
+_X509_HOSTNAME_MISMATCH = 62
+_CERT_REQUIRED = re.compile(r"certificate.required|bad.certificate", re.IGNORECASE)
+_PERMISSION = re.compile(
+    r"permissions violation for (publish|subscription) to \"?([^\"\s]+)\"?"
+)
+
+
+def _explain(reason: str, options: ConnectOptions, info: Mapping[str, Any]) -> str:
+    """``reason``, saying so when the server demanded TLS that was not configured."""
+    plain = options.tls is None and not any(
+        s.lower().startswith("tls://") for s in options.servers
+    )
+    no_cert = options.tls is None or not options.tls.cert_file
+    if info.get("tls_verify") and no_cert and not _is_refusal(reason):
+        # With TLS 1.3 the refusal of a missing client certificate often shows up as
+        # a broken pipe or a reset, before the server's alert is read.
+        return (
+            "TLS client certificate required: the server verifies clients and no "
+            f"client certificate was given ({reason})"
+        )
+    if plain and reason.startswith("TLS certificate verify failed"):
+        return (
+            "TLS required by the server, and no TLS options were given: its "
+            f"certificate did not verify against the system CAs ({reason}); give the "
+            "CA with TLSOptions(ca_file=...), --tls-ca or NATS_CA"
+        )
+    return reason
+
+
+def _is_refusal(reason: str) -> bool:
+    """A failure that retrying cannot heal: credentials or TLS trust."""
+    lowered = reason.lower()
+    return (
+        "authorization" in lowered
+        or "authentication" in lowered
+        or lowered.startswith("tls ")
+    )
 
 
 def _scrub(text: str) -> str:
@@ -298,14 +500,10 @@ def _scrub(text: str) -> str:
     return " ".join(words)
 
 
-def _is_auth_failure(reason: str) -> bool:
-    lowered = reason.lower()
-    return "authorization" in lowered or "authentication" in lowered
-
-
 async def _discard(client: Client) -> None:
     try:
-        await client.close()
+        # A client whose TLS handshake failed can wait forever for its transport.
+        await asyncio.wait_for(client.close(), timeout=1.0)
     except Exception:  # a half-open client may fail to close; nothing to keep
         log.debug("closing a failed client raised", exc_info=True)
 
@@ -326,13 +524,23 @@ def _client_kwargs(options: ConnectOptions, events: ConnectionEvents) -> dict[st
         if isinstance(exc, nats.errors.SlowConsumerError):
             events.record_slow_consumer(str(getattr(exc.sub, "subject", exc.subject)))
             return
+        violation = _PERMISSION.search(str(exc))
+        if violation is not None:
+            operation = "publish" if violation[1] == "publish" else "subscribe"
+            events.record_denial(operation, violation[2])
+            return
+        if events.refused.is_set():
+            return  # keep the refusal as the reason, not the reset that follows it
         events.last_error = _describe(exc)
+        if _is_refusal(events.last_error):
+            events.refused.set()
         if events.connected:
             log.warning("connection error: %s", events.last_error)
 
     async def on_disconnected() -> None:
-        if events.closing:
-            return
+        client = events.client
+        if events.closing or (client is not None and client.is_closed):
+            return  # a close someone asked for, not trouble
         events.disconnects += 1
         log.warning("disconnected from NATS; reconnecting")
 

@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=None,
-        help="DEBUG, INFO, WARNING or ERROR (default INFO; WARNING for demo)",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO for run and server, else WARNING)",
     )
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="log line format"
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--header", "-H", action="append", default=[], help="Name=Value")
     pub.add_argument("--count", type=int, default=1)
     _add_server_option(pub)
+    _add_security_options(pub)
     pub.set_defaults(func=commands.pub)
 
     subc = sub.add_parser("sub", help="print messages on a subject (wildcards allowed)")
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     subc.add_argument("--queue", default=None)
     subc.add_argument("--count", type=int, default=0, help="stop after N messages")
     _add_server_option(subc)
+    _add_security_options(subc)
     subc.set_defaults(func=commands.sub)
 
     req = sub.add_parser("req", help="send a request and print the reply")
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     req.add_argument("--header", "-H", action="append", default=[], help="Name=Value")
     req.add_argument("--timeout", type=float, default=2.0)
     _add_server_option(req)
+    _add_security_options(req)
     req.set_defaults(func=commands.req)
 
     demo = sub.add_parser(
@@ -99,6 +102,7 @@ def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run an App: natskit run module:app")
     run.add_argument("target", help="module:attribute naming an App (or a factory)")
     _add_server_option(run)
+    _add_security_options(run)
     run.add_argument(
         "--workers", type=int, default=1, help="processes to run (default 1)"
     )
@@ -143,10 +147,30 @@ def _add_server_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_security_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "credentials and TLS",
+        "each also read from the environment variable named; a flag wins, then the "
+        "environment, then the App's ConnectOptions. Prefer the variables (or files) "
+        "for secrets: flags show in the process list.",
+    )
+    group.add_argument("--creds", metavar="FILE", help="creds file (NATS_CREDS)")
+    group.add_argument("--nkey", metavar="FILE", help="NKey seed file (NATS_NKEY)")
+    group.add_argument("--token", help="auth token (NATS_TOKEN)")
+    group.add_argument("--user", help="user name (NATS_USER)")
+    group.add_argument("--password", help="password (NATS_PASSWORD)")
+    group.add_argument("--tls-ca", metavar="FILE", help="CA certificates (NATS_CA)")
+    group.add_argument(
+        "--tls-cert", metavar="FILE", help="client certificate (NATS_CERT)"
+    )
+    group.add_argument("--tls-key", metavar="FILE", help="client key (NATS_KEY)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.log_level is None:
-        args.log_level = "WARNING" if args.command == "demo" else "INFO"
+        # Lifecycle lines matter for long-running commands; the others print results.
+        args.log_level = "INFO" if args.command in ("run", "server") else "WARNING"
     logs.configure(args.log_level, args.log_format)
     code: int = args.func(args)
     return code

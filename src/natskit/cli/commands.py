@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from natskit.app import App
-from natskit.connection import ConnectOptions, connect, servers_from_env, split_servers
+from natskit.connection import (
+    SECURITY_ENV,
+    ConnectOptions,
+    connect,
+    options_with_security,
+    servers_from_env,
+    split_servers,
+)
 from natskit.errors import ConnectError, NatskitError, ServerError
 
 __all__ = ["demo", "pub", "req", "run", "server", "sub"]
@@ -118,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc), 2)
     if args.drain_timeout is not None:
         app.drain_timeout = args.drain_timeout
+    try:
+        app.connect_options = options_with_security(
+            app.connect_options, given=security_flags(args)
+        )
+    except ValueError as exc:
+        return fail(str(exc), 2)
     servers = given_servers(args.server)
     try:
         if servers:
@@ -155,13 +168,45 @@ async def _serve(app: App, args: argparse.Namespace, servers: list[str]) -> None
     await run_with_probes(app, servers, host=args.health_host, port=port)
 
 
+def security_flags(args: argparse.Namespace) -> dict[str, str | None]:
+    """The credential and TLS flags, keyed as ``options_with_security`` expects."""
+    return {
+        "creds_file": getattr(args, "creds", None),
+        "nkey_seed_file": getattr(args, "nkey", None),
+        "token": getattr(args, "token", None),
+        "user": getattr(args, "user", None),
+        "password": getattr(args, "password", None),
+        "ca_file": getattr(args, "tls_ca", None),
+        "cert_file": getattr(args, "tls_cert", None),
+        "key_file": getattr(args, "tls_key", None),
+    }
+
+
+def security_env(args: argparse.Namespace) -> dict[str, str]:
+    """The given flags as the environment variables that stand for them.
+
+    When a flag names credentials, the other credential variables are blanked, so a
+    worker does not see two kinds of credentials (flags win over the environment).
+    """
+    given = {k: v for k, v in security_flags(args).items() if v}
+    env = {SECURITY_ENV[k]: v for k, v in given.items()}
+    auth = ("token", "user", "nkey_seed_file", "creds_file")
+    if any(k in given for k in auth):
+        for key in auth:
+            env.setdefault(SECURITY_ENV[key], "")
+    return env
+
+
 def _run_workers(args: argparse.Namespace, servers: list[str]) -> int:
     command = [sys.executable, "-m", "natskit", "--log-level", args.log_level]
     command += ["--log-format", args.log_format, "run", args.target]
-    command += ["--server", ",".join(servers), "--workers", "1"]
+    command += ["--workers", "1"]
     if args.drain_timeout is not None:
         command += ["--drain-timeout", str(args.drain_timeout)]
     port = getattr(args, "health_port", None)
+    # Servers (URLs may hold user:password@) and credentials reach the workers through
+    # their environment, never their argv.
+    env = {**os.environ, **security_env(args), "NATS_URL": ",".join(servers)}
     children = []
     for i in range(args.workers):
         health = [] if port is None else ["--health-port", str(port + i)]
@@ -169,7 +214,7 @@ def _run_workers(args: argparse.Namespace, servers: list[str]) -> int:
         if args.metrics_port is not None:
             health += ["--metrics-port", str(args.metrics_port + i)]
             health += ["--metrics-host", args.metrics_host]
-        children.append(subprocess.Popen(command + health))
+        children.append(subprocess.Popen(command + health, env=env))
     print(
         f"natskit: {len(children)} workers: pids {' '.join(str(c.pid) for c in children)}",
         file=sys.stderr,
@@ -258,10 +303,13 @@ def _payload(text: str) -> Any:
 
 def _debug(args: argparse.Namespace, work: Any) -> int:
     servers = debug_servers(args.server)
-    options = ConnectOptions(
-        servers=tuple(servers), name="natskit-cli", first_connect_timeout=5.0
-    )
     try:
+        options = options_with_security(
+            ConnectOptions(
+                servers=tuple(servers), name="natskit-cli", first_connect_timeout=5.0
+            ),
+            given=security_flags(args),
+        )
         result: int = asyncio.run(work(options))
     except (ConnectError, ValueError, NatskitError) as exc:
         return fail(str(exc))

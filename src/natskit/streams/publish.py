@@ -59,6 +59,11 @@ log = logging.getLogger("natskit.streams")
 
 MSG_ID = "Nats-Msg-Id"
 _STATUS = "Status"
+_NO_ACK = (
+    "no ack within the timeout (the server or the stream leader did not answer; a "
+    "replicated stream needs a majority of its replicas up to store)"
+)
+_IN_PROCESS = "duplicate message id is in process"
 _SWEEP_EVERY = 0.05
 _ID_PREFIX = NUID().next().decode() + "-"
 _id_counter = itertools.count(1)
@@ -152,7 +157,7 @@ class Publisher:
                 _, token = heapq.heappop(heap)
                 future = self._waiting.pop(token, None)
                 if future is not None and not future.done():
-                    future.set_exception(_Retryable("no ack within the timeout"))
+                    future.set_exception(_Retryable(_NO_ACK))
             await asyncio.sleep(_SWEEP_EVERY)
 
     async def send(
@@ -360,6 +365,13 @@ def read_ack(
         description = str(error.get("description", error))
         if int(error.get("code", 0)) == 503:
             raise _Retryable(description)
+        if _IN_PROCESS in description:
+            # A resend reached a leader that has the first attempt in its log but not
+            # yet stored (no quorum yet): the same id may still be stored, so resend.
+            raise _Retryable(
+                "the stream leader holds this message id but has not stored it yet; "
+                "a replicated stream stores only with a majority of its replicas up"
+            )
         raise PublishFailed(
             subject, description, msg_id=headers.get(MSG_ID), attempts=attempt
         )
