@@ -223,3 +223,25 @@ def test_server_command_reports_a_port_in_use(tmp_path: Path) -> None:
     assert code == 1
     assert "in use" in err
     assert "Traceback" not in err
+
+
+def test_run_logs_json_lines_when_asked(nats_url: str) -> None:
+    proc = natskit(
+        "run", "tests.apps.workers:app", "--server", nats_url, "--log-format", "json"
+    )
+    assert proc.stderr is not None
+    seen = []
+    for (
+        line
+    ) in proc.stderr:  # until the app says it started (signals handled from then)
+        seen.append(line)
+        if "started" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    code, _, rest = finish(proc)
+    entries = [json.loads(line) for line in [*seen, *rest.splitlines()] if line.strip()]
+    assert code == 0
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(
+        e["logger"] == "natskit.app" and "started" in e["message"] for e in entries
+    )

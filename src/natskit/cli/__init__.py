@@ -106,6 +106,14 @@ def _add_run(sub: Any) -> None:
     run.add_argument(
         "--workers", type=int, default=1, help="processes to run (default 1)"
     )
+    # Also accepted after the command (natskit run app:app --log-format json); SUPPRESS
+    # keeps the subcommand from resetting a value given before it.
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=argparse.SUPPRESS,
+        help="log line format (text or json)",
+    )
     run.add_argument(
         "--store-dir",
         default=None,
