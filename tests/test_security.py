@@ -724,3 +724,37 @@ async def test_natskit_pub_takes_a_token_from_the_environment(
         assert not [s for s in SECRETS if s in good[2] + bad[2]]
     finally:
         await nc.close()
+
+
+async def test_denied_jetstream_publish_raises_permission_denied_not_a_timeout(
+    servers: list[EmbeddedServer],
+) -> None:
+    from natskit.streams import PublishRetry, StreamSpec
+
+    password = secret("password")
+    perms = Permissions(publish_deny=("orders.secret.>",))
+    server = await start(
+        servers,
+        ServerOptions(
+            users=(User(name="limited", password=password, permissions=perms),)
+        ),
+    )
+    options = ConnectOptions(servers=(server.url,), user="limited", password=password)
+    app = App("js-limited", connection=options)
+    app.stream(StreamSpec(name="ORDERS", subjects=("orders.>",)))
+    await app.start()
+    try:
+        assert (await app.js_publish("orders.ok", {"n": 1})).seq == 1
+        retry = PublishRetry(attempts=8, timeout=1.0)
+        with pytest.raises(PermissionDenied) as caught:
+            await app.js_publish("orders.secret.plan", {"n": 2}, retry=retry)
+        assert (caught.value.operation, caught.value.subject) == (
+            "publish",
+            "orders.secret.plan",
+        )
+        with pytest.raises(PermissionDenied):
+            await app.js_publish_many([("orders.secret.more", {"n": 3})], retry=retry)
+        # The connection stays usable.
+        assert (await app.js_publish("orders.ok", {"n": 4})).seq == 2
+    finally:
+        await app.stop()

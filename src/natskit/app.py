@@ -47,6 +47,7 @@ from natskit.discovery.direct import DirectEndpoints
 from natskit.discovery.heartbeat import Heartbeats, ReadinessCheck, Status
 from natskit.errors import (
     ConnectionClosed,
+    NatskitError,
     PayloadTooLarge,
     PermissionDenied,
     PublishFailed,
@@ -79,7 +80,7 @@ from natskit.streams import (
 )
 from natskit.streams import replay as replay_stream
 from natskit.streams.consumer import PullConsumer
-from natskit.streams.publish import MSG_ID, new_msg_id
+from natskit.streams.publish import DENIED, MSG_ID, Publisher, new_msg_id
 from natskit.subjects import validate_pattern, validate_subject
 
 if TYPE_CHECKING:
@@ -695,13 +696,29 @@ class App:
         subject, data, hdrs = self._js_message(
             subject, value, msg_id, headers, content_type
         )
+        publisher = await self._publisher()
+        try:
+            if self.tracing is not None and self.tracing.sampled_send():
+                with self.tracing.producer("publish", subject, hdrs):
+                    return await publisher.publish(
+                        subject, data, hdrs, retry or PublishRetry()
+                    )
+            return await publisher.publish(subject, data, hdrs, retry or PublishRetry())
+        except PublishFailed as exc:
+            raise self._denial_or(exc) from None
+
+    async def _publisher(self) -> Publisher:
         publisher = await publisher_for(self.nc)
-        if self.tracing is not None and self.tracing.sampled_send():
-            with self.tracing.producer("publish", subject, hdrs):
-                return await publisher.publish(
-                    subject, data, hdrs, retry or PublishRetry()
-                )
-        return await publisher.publish(subject, data, hdrs, retry or PublishRetry())
+        events = self.events
+        publisher.denied = lambda subject: events.denials("publish", subject) > 0
+        return publisher
+
+    def _denial_or(self, failure: PublishFailed) -> NatskitError:
+        """:class:`PermissionDenied` if the server refused the publish, else ``failure``."""
+        if failure.reason == DENIED:
+            self.events.take_denial("publish", failure.subject)
+            return PermissionDenied("publish", failure.subject)
+        return failure
 
     async def js_publish_many(
         self,
@@ -720,7 +737,7 @@ class App:
         """
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        publisher = await publisher_for(self.nc)
+        publisher = await self._publisher()
 
         def messages() -> Iterator[tuple[str, bytes, dict[str, str]]]:
             for item in items:
@@ -741,7 +758,7 @@ class App:
         if not return_exceptions:
             failures = [r for r in results if isinstance(r, PublishFailed)]
             if failures:
-                raise failures[0]
+                raise self._denial_or(failures[0])
         return results
 
     def _js_message(

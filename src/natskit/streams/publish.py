@@ -30,7 +30,7 @@ import heapq
 import itertools
 import logging
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,7 @@ __all__ = [
 log = logging.getLogger("natskit.streams")
 
 MSG_ID = "Nats-Msg-Id"
+DENIED = "permission denied by the server"
 _STATUS = "Status"
 _NO_ACK = (
     "no ack within the timeout (the server or the stream leader did not answer; a "
@@ -130,6 +131,9 @@ class Publisher:
         self._deadlines: list[tuple[float, str]] = []  # a heap
         self._sweeper: asyncio.Task[None] | None = None
         self._sub: Any = None
+        # Set by the owner of the connection: whether the server refused a publish on a
+        # subject (permissions violations arrive apart from the publish, as -ERR).
+        self.denied: Callable[[str], bool] | None = None
 
     async def start(self) -> None:
         self._prefix = f"_INBOX.{self._nuid.next().decode()}."
@@ -218,6 +222,14 @@ class Publisher:
             try:
                 return read_ack(subject, headers, await future, attempt)
             except _Retryable as exc:
+                if self.denied is not None and self.denied(subject):
+                    # The server refused the publish itself: resending cannot help.
+                    raise PublishFailed(
+                        subject,
+                        DENIED,
+                        msg_id=headers.get(MSG_ID),
+                        attempts=attempt,
+                    ) from None
                 if attempt >= retry.attempts:
                     raise PublishFailed(
                         subject, str(exc), msg_id=headers.get(MSG_ID), attempts=attempt
