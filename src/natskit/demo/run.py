@@ -139,7 +139,7 @@ class Summary:
             f"  accepted            {self.accepted:>7}   ({awaiting} awaiting payment)",
             f"  refused             {self.refused:>7}   {('(' + refused + ')') if refused else ''}",
             f"  latency p50 / p99   {self.percentile(0.5):>7.1f} / {self.percentile(0.99):.1f} ms",
-            "  events handled      "
+            "  events fanned out   "
             + ", ".join(f"{svc} {n}" for svc, n in sorted(self.handled.items())),
             f"  shipments           {len(self.shipments):>7}",
             f"  notifications       {len(self.notifications):>7}",
