@@ -758,3 +758,21 @@ async def test_denied_jetstream_publish_raises_permission_denied_not_a_timeout(
         assert (await app.js_publish("orders.ok", {"n": 4})).seq == 2
     finally:
         await app.stop()
+
+
+async def test_app_start_takes_credentials_from_the_environment(
+    servers: list[EmbeddedServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = secret("token")
+    server = await start(servers, ServerOptions(jetstream=False, token=token))
+    monkeypatch.setenv("NATS_URL", server.url)
+    monkeypatch.setenv("NATS_TOKEN", token)
+    app = App("from-env")
+    await app.start()
+    try:
+        await app.publish("env.ok", b"x", confirm=True)
+    finally:
+        await app.stop()
+    monkeypatch.setenv("NATS_TOKEN", secret("wrong-token"))
+    with pytest.raises(ConnectError, match="authorization violation"):
+        await App("wrong-env").start()

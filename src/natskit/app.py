@@ -41,6 +41,7 @@ from natskit.connection import (
     ConnectionEvents,
     ConnectOptions,
     connect,
+    options_with_security,
     servers_from_env,
 )
 from natskit.discovery.direct import DirectEndpoints
@@ -143,6 +144,9 @@ class App:
         self.metadata = dict(metadata or {})
         self.instance_id = NUID().next().decode()
         self.connect_options = connection or ConnectOptions()
+        # Credentials and TLS files from NATS_CREDS, NATS_TOKEN, NATS_CA... at start
+        # (natskit run resolves them itself, together with its flags).
+        self.security_from_env = True
         self.drain_timeout = drain_timeout
         self.events = ConnectionEvents()
         self._declarations: list[Declaration] = []
@@ -359,6 +363,8 @@ class App:
             options = options.with_servers(servers)
         elif not options.servers:
             options = options.with_servers(servers_from_env())
+        if self.security_from_env:
+            options = options_with_security(options)
         if options.name is None:
             options = replace(options, name=f"{self.name}-{self.instance_id}")
         return options

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         return fail(str(exc), 2)
+    app.security_from_env = False  # flags and environment are applied above
     servers = given_servers(args.server)
     try:
         if servers:
@@ -321,6 +322,7 @@ def _debug(args: argparse.Namespace, work: Any) -> int:
 def pub(args: argparse.Namespace) -> int:
     async def work(options: ConnectOptions) -> int:
         app = App("natskit-cli", connection=options)
+        app.security_from_env = False  # _debug resolved flags and environment
         headers = parse_headers(args.header)
         await app.start()
         try:
