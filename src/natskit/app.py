@@ -82,7 +82,7 @@ from natskit.streams import (
 from natskit.streams import replay as replay_stream
 from natskit.streams.consumer import PullConsumer
 from natskit.streams.publish import DENIED, MSG_ID, Publisher, new_msg_id
-from natskit.subjects import validate_pattern, validate_subject
+from natskit.subjects import NAME, check_subject, validate_pattern, validate_subject
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -95,12 +95,10 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 R = TypeVar("R")
 Hook = Callable[[], Awaitable[None]]
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
 )
-_VALIDATED_CACHE_LIMIT = 4096
 
 
 class App:
@@ -123,7 +121,7 @@ class App:
         heartbeat_interval: float = 2.0,
         readiness: ReadinessCheck | None = None,
     ) -> None:
-        if not _NAME.match(name):
+        if not NAME.match(name):
             raise ValueError(
                 f"App name {name!r} may hold only letters, digits, '-' and '_' "
                 "(the NATS services protocol requires it)"
@@ -156,7 +154,6 @@ class App:
         self._on_stop: list[Hook] = []
         self._sources: list[Source] = []
         self._nc: Client | None = None
-        self._valid_subjects: set[str] = set()
         self._stopping = False
         self._jetstream: JetStreamPlan | None = None
         self.tracing: Tracing | None = None
@@ -489,10 +486,7 @@ class App:
             "publish", subject
         ):
             raise PermissionDenied("publish", subject)
-        if subject not in self._valid_subjects:
-            validate_subject(subject)
-            if len(self._valid_subjects) < _VALIDATED_CACHE_LIMIT:
-                self._valid_subjects.add(subject)
+        check_subject(subject)
         data, ctype = encode(value, content_type)
         hdrs: dict[str, str] | None = dict(headers) if headers else None
         if ctype is not None:
@@ -775,10 +769,7 @@ class App:
         headers: Mapping[str, str] | None,
         content_type: str | None,
     ) -> tuple[str, bytes, dict[str, str]]:
-        if subject not in self._valid_subjects:
-            validate_subject(subject)
-            if len(self._valid_subjects) < _VALIDATED_CACHE_LIMIT:
-                self._valid_subjects.add(subject)
+        check_subject(subject)
         data, ctype = encode(value, content_type)
         hdrs = dict(headers) if headers else {}
         if ctype is not None:

@@ -46,7 +46,6 @@ import datetime as dt
 import functools
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,7 +72,7 @@ from natskit.pubsub import (
     is_valid_queue,
 )
 from natskit.resilience import BreakerPolicy, CircuitBreaker, RetryPolicy
-from natskit.subjects import validate_subject
+from natskit.subjects import NAME, check_subject
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -101,7 +100,6 @@ INFO_TYPE = "io.nats.micro.v1.info_response"
 STATS_TYPE = "io.nats.micro.v1.stats_response"
 DEFAULT_QUEUE_GROUP = "q"
 _BREAKER_LIMIT = 10_000
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def remaining_time() -> float | None:
@@ -136,7 +134,7 @@ class Endpoint:
                 f"endpoint({self.subject!r}): queue group {self.queue_group!r} must be a "
                 "non-empty name without whitespace, '.', '*' or '>'"
             )
-        if not _NAME.match(self.name):
+        if not NAME.match(self.name):
             raise ValueError(
                 f"endpoint({self.subject!r}): name {self.name!r} may hold only letters, "
                 "digits, '-' and '_'"
@@ -192,7 +190,8 @@ class EndpointSource(CoreSource):
         }
 
 
-def _rfc3339(moment: dt.datetime) -> str:
+def rfc3339(moment: dt.datetime) -> str:
+    """``moment`` in RFC 3339, UTC, microseconds (the services protocol's ``started``)."""
     return (
         moment.astimezone(dt.UTC)
         .isoformat(timespec="microseconds")
@@ -237,7 +236,7 @@ class ServiceResponder:
         return {
             "type": STATS_TYPE,
             **self._identity(),
-            "started": _rfc3339(self.started),
+            "started": rfc3339(self.started),
             "endpoints": [e.stats() for e in self._endpoints()],
         }
 
@@ -364,7 +363,6 @@ class Caller:
         self.stats = CallStats()
         self.breakers: dict[str, CircuitBreaker] = {}
         self._decoders: dict[Any, Callable[[bytes, str | None], Any]] = {}
-        self._valid: set[str] = set()
         self.metrics_enabled = False
         self.by_subject: dict[str, SubjectCalls] = {}
         self.tracing: Tracing | None = None
@@ -374,12 +372,6 @@ class Caller:
         if decode is None:
             decode = self._decoders[tp] = decoder_for(tp)
         return decode
-
-    def _validate(self, subject: str) -> None:
-        if subject not in self._valid:
-            validate_subject(subject)
-            if len(self._valid) < _BREAKER_LIMIT:
-                self._valid.add(subject)
 
     def breaker(self, subject: str, policy: BreakerPolicy) -> CircuitBreaker:
         breaker = self.breakers.get(subject)
@@ -416,7 +408,7 @@ class Caller:
         fallback: Callable[[RequestError], Awaitable[Any]] | None = None,
     ) -> Any:
         policy = policy or self.default
-        self._validate(subject)
+        check_subject(subject)
         decode = self._decoder(response_type)
         data, ctype = encode(value)
         base_headers = dict(headers) if headers else {}
@@ -593,7 +585,7 @@ class Caller:
         headers: Mapping[str, str] | None = None,
     ) -> Replies[Any]:
         """Send one request and collect every reply within ``window`` or up to a count."""
-        self._validate(subject)
+        check_subject(subject)
         if window <= 0:
             raise ValueError(f"window must be > 0, got {window}")
         decode = self._decoder(response_type)

@@ -11,9 +11,20 @@ builtin ``ValueError``, since a bad subject is a programming error, not runtime 
 
 from __future__ import annotations
 
+import functools
 import re
 
-__all__ = ["SubjectMatcher", "matches", "validate_pattern", "validate_subject"]
+__all__ = [
+    "NAME",
+    "SubjectMatcher",
+    "check_subject",
+    "matches",
+    "validate_pattern",
+    "validate_subject",
+]
+
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+"""Names of services, endpoints and streams: letters, digits, ``-`` and ``_``."""
 
 # What nats-server refuses in a subject: its protocol splits lines on these.
 _WHITESPACE = re.compile(r"[ \t\r\n\f]")
@@ -138,3 +149,9 @@ class SubjectMatcher:
 
     def __hash__(self) -> int:
         return hash(self.pattern)
+
+
+check_subject = functools.lru_cache(maxsize=4096)(validate_subject)
+"""``validate_subject`` remembered for the subjects seen most recently: publish paths
+validate every subject, most of them again and again. A bad subject raises each time
+(exceptions are not cached)."""

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from natskit.demo.models import Notice, Order, Shipment
 from natskit.demo.stores import CATALOG, bucket, read_all
 from natskit.discovery import Registry
 from natskit.discovery.heartbeat import POLL_SUBJECT
+from natskit.server import free_port
 
 __all__ = ["DemoOptions", "Running", "Summary", "System", "run_demo", "running_system"]
 
@@ -162,13 +162,6 @@ class Summary:
             f"unexpected {unexpected}"
         )
         return "\n".join(lines)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class System:

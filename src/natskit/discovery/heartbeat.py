@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.errors
 
-from natskit.rpc import Endpoint
+from natskit.rpc import Endpoint, rfc3339
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -284,7 +284,7 @@ class Heartbeats:
             name=app.name,
             id=app.instance_id,
             version=app.version,
-            started=_rfc3339(self.started),
+            started=rfc3339(self.started),
             status=self.status.value,
             interval=self.interval,
             ttl=self.ttl,
@@ -323,12 +323,4 @@ def _endpoints(app: App) -> tuple[EndpointSummary, ...]:
         )
         for d in app.declarations
         if isinstance(d, Endpoint)
-    )
-
-
-def _rfc3339(moment: dt.datetime) -> str:
-    return (
-        moment.astimezone(dt.UTC)
-        .isoformat(timespec="microseconds")
-        .replace("+00:00", "Z")
     )

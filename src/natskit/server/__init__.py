@@ -9,6 +9,7 @@ from natskit.server.process import (
     ServerOptions,
     ServerTLS,
     User,
+    free_port,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "ServerTLS",
     "User",
     "find_server_binary",
+    "free_port",
 ]

@@ -26,8 +26,8 @@ from natskit.server.process import (
     EmbeddedServer,
     ServerOptions,
     _ClusterConfig,
-    _free_port,
     _host_port,
+    free_port,
 )
 
 __all__ = ["LocalCluster"]
@@ -52,7 +52,7 @@ class LocalCluster:
             raise ValueError("port and store_dir are chosen per node; leave them unset")
         self._options = base
         self._root = Path(tempfile.mkdtemp(prefix="natskit-cluster-"))
-        route_ports = [_free_port(base.host) for _ in range(size)]
+        route_ports = [free_port(base.host) for _ in range(size)]
         self.nodes: list[EmbeddedServer] = []
         for index, route_port in enumerate(route_ports):
             others = [p for i, p in enumerate(route_ports) if i != index]

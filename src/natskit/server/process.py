@@ -217,8 +217,8 @@ class EmbeddedServer:
         self._options = options or ServerOptions()
         self._cluster = cluster
         host = self._options.host
-        self._client_port = self._options.port or _free_port(host)
-        self._monitor_port = _free_port(host) if self._options.monitor else None
+        self._client_port = self._options.port or free_port(host)
+        self._monitor_port = free_port(host) if self._options.monitor else None
         self._work_dir: Path | None = cluster.work_dir if cluster else None
         self._owns_work_dir = False
         self._process: subprocess.Popen[bytes] | None = None
@@ -609,7 +609,7 @@ def _answers_info(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     """A port on ``host`` that was free a moment ago (bind to port 0, then close)."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, 0, type=socket.SOCK_STREAM

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import base64
 import random
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from natskit.codec import CONTENT_TYPE, decoder_for
-from natskit.subjects import validate_pattern, validate_subject
+from natskit.subjects import NAME, validate_pattern, validate_subject
 
 __all__ = [
     "ByStartSequence",
@@ -35,7 +34,6 @@ Discard = Literal["old", "new"]
 Storage = Literal["file", "memory"]
 
 _NANOS = 1_000_000_000
-_STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def to_nanos(seconds: float) -> int:
@@ -44,7 +42,7 @@ def to_nanos(seconds: float) -> int:
 
 def check_name(kind: str, name: str) -> str:
     """A stream or consumer name: letters, digits, ``-`` and ``_`` (no dots, wildcards)."""
-    if not isinstance(name, str) or not _STREAM_NAME.match(name):
+    if not isinstance(name, str) or not NAME.match(name):
         raise ValueError(
             f"{kind} name {name!r} may hold only letters, digits, '-' and '_'"
         )

@@ -5,14 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from natskit.server.process import _free_port
+from natskit.server import free_port
 
 __all__ = ["free_port", "wait_until"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that was free a moment ago."""
-    return _free_port(host)
 
 
 async def wait_until(
