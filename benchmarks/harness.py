@@ -48,6 +48,8 @@ __all__ = [
     "publish_events",
     "recreate_stream",
     "run_process",
+    "serve_app",
+    "serve_client",
 ]
 
 IMPLEMENTATIONS = ("natskit", "nats-py")
@@ -192,3 +194,23 @@ async def recreate_stream(nc: Any, spec: StreamSpec) -> None:
     else:
         await api.delete_stream(spec.name)
     await api.create_stream(spec.config())
+
+
+async def serve_app(app: Any, args: Args, tally: Tally) -> None:
+    """Run a natskit receiver: start ``app``, report until told to stop, stop it."""
+    await app.start(args.url)
+    try:
+        await tally.report_until_stopped(
+            lambda: sum(app.events.slow_consumer_drops.values())
+        )
+    finally:
+        await app.stop()
+
+
+async def serve_client(nc: Any, dropped: Callable[[], int], tally: Tally) -> None:
+    """Run a plain nats-py receiver whose subscriptions are made: report, then close."""
+    await nc.flush()
+    try:
+        await tally.report_until_stopped(dropped)
+    finally:
+        await nc.close()

@@ -29,7 +29,14 @@ import msgspec
 import nats.errors
 
 import natskit
-from benchmarks.harness import Args, Tally, connect_plain, recreate_stream, run_process
+from benchmarks.harness import (
+    Args,
+    Tally,
+    connect_plain,
+    recreate_stream,
+    run_process,
+    serve_app,
+)
 from benchmarks.payload import Event, sample_event
 from benchmarks.scenarios import Variant
 from natskit.streams import JetStreamApi
@@ -78,13 +85,7 @@ async def consume_natskit(args: Args, tally: Tally) -> None:
     async def handle(event: Event) -> None:
         tally.hit()
 
-    await app.start(args.url)
-    try:
-        await tally.report_until_stopped(
-            lambda: sum(app.events.slow_consumer_drops.values())
-        )
-    finally:
-        await app.stop()
+    await serve_app(app, args, tally)
 
 
 async def consume_nats_py(args: Args, tally: Tally) -> None:

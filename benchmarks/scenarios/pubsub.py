@@ -20,6 +20,8 @@ from benchmarks.harness import (
     pending_limits,
     publish_events,
     run_process,
+    serve_app,
+    serve_client,
 )
 from benchmarks.observe import observe_if_asked
 from benchmarks.payload import Event
@@ -45,13 +47,7 @@ async def receive_natskit(args: Args, tally: Tally) -> None:
     async def handle(event: Event) -> None:
         tally.hit()
 
-    await app.start(args.url)
-    try:
-        await tally.report_until_stopped(
-            lambda: sum(app.events.slow_consumer_drops.values())
-        )
-    finally:
-        await app.stop()
+    await serve_app(app, args, tally)
 
 
 async def receive_nats_py(args: Args, tally: Tally) -> None:
@@ -63,11 +59,7 @@ async def receive_nats_py(args: Args, tally: Tally) -> None:
         tally.hit()
 
     await nc.subscribe(SUBJECT, cb=handle, **pending_limits(args.count))
-    await nc.flush()
-    try:
-        await tally.report_until_stopped(dropped)
-    finally:
-        await nc.close()
+    await serve_client(nc, dropped, tally)
 
 
 async def publish(args: Args) -> dict[str, Any]:

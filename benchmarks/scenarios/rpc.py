@@ -18,7 +18,14 @@ from typing import Any
 import msgspec
 
 import natskit
-from benchmarks.harness import Args, Tally, connect_plain, run_process
+from benchmarks.harness import (
+    Args,
+    Tally,
+    connect_plain,
+    run_process,
+    serve_app,
+    serve_client,
+)
 from benchmarks.observe import observe_if_asked
 from benchmarks.payload import Event, sample_event
 from benchmarks.scenarios import Variant
@@ -47,13 +54,7 @@ async def serve_natskit(args: Args, tally: Tally) -> None:
         tally.hit()
         return event
 
-    await app.start(args.url)
-    try:
-        await tally.report_until_stopped(
-            lambda: sum(app.events.slow_consumer_drops.values())
-        )
-    finally:
-        await app.stop()
+    await serve_app(app, args, tally)
 
 
 async def serve_nats_py(args: Args, tally: Tally) -> None:
@@ -66,11 +67,7 @@ async def serve_nats_py(args: Args, tally: Tally) -> None:
         await msg.respond(_encode(event))
 
     await nc.subscribe(SUBJECT, queue="q", cb=echo)
-    await nc.flush()
-    try:
-        await tally.report_until_stopped(dropped)
-    finally:
-        await nc.close()
+    await serve_client(nc, dropped, tally)
 
 
 async def call(args: Args) -> dict[str, Any]:
